@@ -1,0 +1,51 @@
+"""Where apexdsp keeps what it builds: converted models, compiled extensions, indexes, the MLflow store.
+
+Everything lives under one project-local directory, ``.apexdsp`` in the current working directory, so a
+clone is self-contained and ``rm -rf .apexdsp`` resets it. ``APEXDSP_HOME`` moves it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The root of apexdsp's caches and stores (created on first use)."""
+    root = Path(os.environ.get("APEXDSP_HOME", Path.cwd() / ".apexdsp")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cache_dir(*parts: str) -> Path:
+    """A sub-directory of :func:`home`, created on first use (e.g. ``cache_dir("models")``)."""
+    path = home().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def configure_environment() -> None:
+    """Environment defaults that must be set before torch, transformers, litellm or colbert import.
+
+    The Hugging Face hub is unreachable on the embedded default, litellm would fetch a cost map from the
+    network, and colbert-ai JIT-compiles C++ extensions into ``TORCH_EXTENSIONS_DIR``: keeping those in
+    the project cache means they are built once by ``apexdsp setup warm`` and reused.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir("torch_extensions")))
+    os.environ.setdefault("DSPY_CACHEDIR", str(cache_dir("dspy_cache")))
+
+
+def repo_root() -> Path:
+    """The source checkout (the folder holding ``pyproject.toml``)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """The offline copy of the benchmarks: ``APEXDSP_DATA`` or ``../shared/data`` beside the checkout."""
+    env = os.environ.get("APEXDSP_DATA")
+    return Path(env).resolve() if env else (repo_root().parent / "shared" / "data").resolve()
