@@ -1,1 +1,19 @@
+"""MLflow tracking: every evaluation, compile and index job is one run with provenance attached."""
 
+from apexdsp.tracking.provenance import data_file_params, file_sha256, git_commit
+from apexdsp.tracking.run import TrackedRun, tracked_run, write_json_atomic
+from apexdsp.tracking.store import configure_tracking, default_tracking_uri, ensure_experiment
+
+
+def enable_dspy_tracing() -> None:
+    """Trace every DSPy module and LM call into the active MLflow run (``mlflow.dspy.autolog``)."""
+    import mlflow
+
+    configure_tracking()
+    mlflow.dspy.autolog()
+
+
+__all__ = [
+    "TrackedRun", "configure_tracking", "data_file_params", "default_tracking_uri", "enable_dspy_tracing",
+    "ensure_experiment", "file_sha256", "git_commit", "tracked_run", "write_json_atomic",
+]

@@ -1,0 +1,78 @@
+"""``apexdsp evaluate``: run a program on questions, print EM/F1/Hit/recall/cost, log the run to MLflow."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from apexdsp.errors import ApexError
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``evaluate`` to the root command."""
+    app.command("evaluate")(evaluate)
+
+
+def evaluate(
+    program: Annotated[str, typer.Option(help="Program name: vanilla, rag, apex, opera, qagent.")] = "vanilla",
+    questions: Annotated[Path, typer.Option(help="Questions JSONL (shared data format).")] = Path(
+        "../shared/data/hotpotqa/dev.jsonl"),
+    index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
+    lm: Annotated[str, typer.Option(help="LM name (smollm2-135m, a local folder, or provider/model).")] = "smollm2-135m",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N questions.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Concurrent questions (the LM batches them).")] = 8,
+    cache: Annotated[bool, typer.Option(help="Use DSPy's LM cache (off: timings are real).")] = False,
+    track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Evaluate a program on a question file."""
+    from apexdsp.data.loaders import read_questions
+    from apexdsp.evaluation import evaluate_program
+    from apexdsp.paths import cache_dir
+    from apexdsp.programs.registry import RETRIEVAL_FREE, build_program
+    from apexdsp.runtime import configure_dspy
+    from apexdsp.tracking import write_json_atomic
+
+    records = read_questions(questions, limit=limit)
+    if not records:
+        raise ApexError(f"{questions}: no questions")
+    configure_dspy(lm=lm, cache=cache)
+    retriever = None
+    if index is not None:
+        from apexdsp.indexes import load_retriever
+
+        retriever = load_retriever(index)
+    elif program not in RETRIEVAL_FREE:
+        raise ApexError(f"program {program!r} searches an index: pass --index DIR")
+    qa = build_program(program, retriever=retriever)
+    report = evaluate_program(qa, records, threads=threads, retrieves=program not in RETRIEVAL_FREE,
+                              progress=not as_json)
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    local = write_json_atomic(report.model_dump(), cache_dir("runs") / f"evaluate-{program}-{stamp}.json")
+    summary = {"program": program, "lm": lm, **report.summary(), "results_file": str(local)}
+    if track:
+        from apexdsp.tracking.evaluation_log import log_evaluation
+
+        params = {"program": program, "lm": lm, "index": str(index) if index else "", "limit": limit or "",
+                  "threads": threads, "n": report.n, "cache": cache}
+        summary["mlflow_run_id"] = log_evaluation(report, params, {"questions": questions},
+                                                  run_name=f"{program}-{Path(questions).stem}-{report.n}")
+    if as_json:
+        print(json.dumps(summary))
+        return
+    table = Table(title=f"{program} on {questions} ({report.n} questions)")
+    for key in ("em", "f1", "hit", "recall", "lm_calls", "tokens", "seconds_per_question", "failures"):
+        value = summary.get(key)
+        if value is not None:
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"results: {local}" + (f"   MLflow run: {summary['mlflow_run_id']}" if track else ""))

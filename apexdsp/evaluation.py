@@ -1,0 +1,115 @@
+"""Evaluate a program on questions: DSPy's ``Evaluate`` for the threads, our metrics for the scores.
+
+Threads matter twice: they overlap the program's Python work, and they let the local LM backend batch
+concurrent requests into one ``generate`` call. Per-question results keep the trajectory, so a report can
+say not only *what* was answered but *why*.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import dspy
+from pydantic import BaseModel, Field
+
+from apexdsp.data.examples import to_examples
+from apexdsp.data.records import Question
+from apexdsp.metrics import answer_hit, exact_match, f1, supporting_title_recall
+from apexdsp.programs.trajectory import Trajectory
+
+
+class QuestionResult(BaseModel):
+    """One question's prediction and scores."""
+
+    id: str
+    question: str
+    gold: str
+    prediction: str
+    em: float
+    f1: float
+    hit: float | None = None
+    recall: float | None = None
+    lm_calls: int = 0
+    tokens: int = 0
+    errors: list[str] = Field(default_factory=list)
+    trajectory: dict[str, Any] | None = None
+
+
+class EvalReport(BaseModel):
+    """Aggregates over a question set, plus the per-question rows."""
+
+    n: int
+    em: float
+    f1: float
+    hit: float | None
+    recall: float | None
+    lm_calls: float
+    tokens: float
+    seconds_per_question: float
+    seconds: float
+    failures: int
+    results: list[QuestionResult]
+
+    def summary(self) -> dict[str, Any]:
+        """The figures without the rows (what ``--json`` prints and MLflow gets as metrics)."""
+        return self.model_dump(exclude={"results"})
+
+
+def score_question(question: Question, prediction: Any, retrieves: bool) -> QuestionResult:
+    """Score one prediction against its gold record."""
+    answer = str(getattr(prediction, "answer", "") or "") if prediction is not None else ""
+    trajectory: Trajectory | None = getattr(prediction, "trajectory", None) if prediction is not None else None
+    errors = list(trajectory.errors) if trajectory else ["the program raised; no prediction"]
+    hit = recall = None
+    if retrieves:
+        texts = trajectory.retrieved_texts() if trajectory else []
+        titles = trajectory.retrieved_titles() if trajectory else []
+        hit = answer_hit(question.answers, texts)
+        recall = supporting_title_recall(question.supporting_titles, titles)
+    return QuestionResult(
+        id=question.id, question=question.question, gold=question.answer, prediction=answer,
+        em=exact_match(answer, question.answers), f1=f1(answer, question.answers), hit=hit, recall=recall,
+        lm_calls=trajectory.usage.calls if trajectory else 0,
+        tokens=trajectory.usage.total_tokens if trajectory else 0,
+        errors=errors, trajectory=trajectory.model_dump() if trajectory else None,
+    )
+
+
+def evaluate_program(program: dspy.Module, questions: list[Question], *, threads: int = 8,
+                     retrieves: bool = True, progress: bool = True) -> EvalReport:
+    """Run ``program`` on every question with ``threads`` workers and score the answers."""
+    examples = to_examples(questions)
+    evaluator = dspy.Evaluate(devset=examples, num_threads=threads, display_progress=progress,
+                              display_table=False, max_errors=len(examples) + 1, failure_score=0.0,
+                              provide_traceback=False)
+    started = time.perf_counter()
+    outcome = evaluator(program, metric=answer_em_metric)
+    seconds = time.perf_counter() - started
+    # Evaluate keeps devset order; a question whose program raised comes back as an empty Prediction.
+    results = [score_question(q, prediction, retrieves)
+               for q, (_, prediction, _) in zip(questions, outcome.results, strict=True)]
+    return aggregate(results, seconds, retrieves)
+
+
+def answer_em_metric(example: dspy.Example, prediction: Any, trace: Any = None) -> float:
+    """DSPy-style metric: exact match of ``prediction.answer`` against the example's gold answers."""
+    return exact_match(str(getattr(prediction, "answer", "") or ""), list(example.answers))
+
+
+def aggregate(results: list[QuestionResult], seconds: float, retrieves: bool) -> EvalReport:
+    """Means over the per-question rows."""
+    n = len(results)
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values) if values else 0.0
+
+    return EvalReport(
+        n=n, em=mean([r.em for r in results]), f1=mean([r.f1 for r in results]),
+        hit=mean([r.hit for r in results if r.hit is not None]) if retrieves else None,
+        recall=mean([r.recall for r in results if r.recall is not None]) if retrieves else None,
+        lm_calls=mean([r.lm_calls for r in results]), tokens=mean([r.tokens for r in results]),
+        seconds_per_question=seconds / n if n else 0.0, seconds=seconds,
+        failures=sum(1 for r in results if r.errors), results=results,
+    )

@@ -1,0 +1,64 @@
+"""Where runs go: a local sqlite MLflow store by default, any tracking server by ``MLFLOW_TRACKING_URI``.
+
+The default keeps the database and artifacts together in the project cache (``.apexdsp/mlflow.db`` and
+``.apexdsp/mlartifacts``), so ``mlflow ui --backend-store-uri sqlite:///.apexdsp/mlflow.db`` shows them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from apexdsp.errors import ApexError
+from apexdsp.paths import cache_dir, home
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the project's sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def artifact_root(uri: str | None = None) -> Path:
+    """Where experiments created on a sqlite store keep their artifacts: beside the database file."""
+    uri = uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return cache_dir("mlartifacts")
+
+
+def configure_tracking() -> str:
+    """Point MLflow at the project's store; returns the URI in use."""
+    import mlflow
+
+    uri = default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment ``name``, creating it (with a project-local artifact location) if needed."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = configure_tracking()
+    quiet_mlflow_logs()
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (artifact_root(uri) / name).as_uri()
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as error:
+        raise ApexError(f"MLflow tracking store {uri} is not usable: {error.message}") from error
+
+
+def quiet_mlflow_logs() -> None:
+    """MLflow logs every schema migration of a new sqlite store at INFO; keep the console for results."""
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)

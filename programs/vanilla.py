@@ -1,0 +1,28 @@
+"""Closed-book baseline: the LM answers from its own weights, no retrieval."""
+
+from __future__ import annotations
+
+import dspy
+
+from apexdsp.programs.base import QAProgram
+from apexdsp.programs.trajectory import Trajectory
+
+
+class AnswerClosedBook(dspy.Signature):
+    """Answer the question with a short factoid answer: a name, a date, a number, or yes/no."""
+
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField(desc="a few words, no explanation")
+
+
+class Vanilla(QAProgram):
+    """``question -> answer`` with one LM call."""
+
+    name = "vanilla"
+
+    def __init__(self):
+        super().__init__()
+        self.generate_answer = dspy.Predict(AnswerClosedBook)
+
+    def run(self, question: str, trajectory: Trajectory) -> str:
+        return self.generate_answer(question=question).answer

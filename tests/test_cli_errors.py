@@ -1,0 +1,69 @@
+"""User errors end in one line on stderr, a non-zero exit and no traceback (the console script, for real)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+APEXDSP = str(Path(sys.executable).parent / "apexdsp")
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([APEXDSP, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    message = " ".join(lines)
+    assert message.startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in message, message
+
+
+@pytest.fixture
+def questions(tmp_path) -> Path:
+    good = {"id": "q1", "question": "Who wrote Hamlet?", "answer": "Shakespeare"}
+    path = tmp_path / "questions.jsonl"
+    path.write_text(json.dumps(good) + "\n" + '{"id": "q2", "question": "Broken"' + "\n")
+    return path
+
+
+def test_missing_questions_file(tmp_path):
+    result = run_cli("evaluate", "--program", "vanilla", "--questions", str(tmp_path / "nope.jsonl"))
+    assert_one_line_error(result, "nope.jsonl")
+
+
+def test_malformed_jsonl_line_names_file_and_line(questions):
+    result = run_cli("evaluate", "--program", "vanilla", "--questions", str(questions))
+    assert_one_line_error(result, "questions.jsonl", "line 2")
+
+
+def test_record_without_answer_names_the_field(tmp_path):
+    path = tmp_path / "noanswer.jsonl"
+    path.write_text(json.dumps({"id": "q1", "question": "Who?"}) + "\n")
+    result = run_cli("evaluate", "--program", "vanilla", "--questions", str(path))
+    assert_one_line_error(result, "noanswer.jsonl", "line 1", "answer")
+
+
+def test_unknown_program(data_dir):
+    result = run_cli("evaluate", "--program", "nosuch", "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"),
+                     "--limit", "1", "--no-track")
+    assert_one_line_error(result, "nosuch", "vanilla")
+
+
+def test_unknown_model_name(data_dir):
+    result = run_cli("evaluate", "--program", "vanilla", "--lm", "no-such-model",
+                     "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"), "--limit", "1", "--no-track")
+    assert_one_line_error(result, "no-such-model", "smollm2-135m")
+
+
+def test_program_that_searches_needs_an_index(data_dir):
+    result = run_cli("evaluate", "--program", "rag", "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"),
+                     "--limit", "1", "--no-track")
+    assert_one_line_error(result, "--index")
