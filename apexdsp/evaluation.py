@@ -33,6 +33,10 @@ class QuestionResult(BaseModel):
     recall: float | None = None
     lm_calls: int = 0
     tokens: int = 0
+    plans: int = 0  # planner outputs (plan-based programs)
+    plan_fallbacks: int = 0  # ... unusable, replaced by the one-step plan
+    plan_repairs: int = 0  # ... that the tolerant parser had to repair (fallbacks included)
+    parse_failures: int = 0  # LM completions that broke the adapter's format
     errors: list[str] = Field(default_factory=list)
     trajectory: dict[str, Any] | None = None
 
@@ -50,6 +54,9 @@ class EvalReport(BaseModel):
     seconds_per_question: float
     seconds: float
     failures: int
+    plan_fallback_rate: float | None = None  # share of planner outputs that fell back to one step
+    plan_repair_rate: float | None = None  # share of planner outputs that needed any repair
+    parse_failures: float = 0.0  # adapter format failures per question
     results: list[QuestionResult]
 
     def summary(self) -> dict[str, Any]:
@@ -74,7 +81,18 @@ def score_question(question: Question, prediction: Any, retrieves: bool) -> Ques
         lm_calls=trajectory.usage.calls if trajectory else 0,
         tokens=trajectory.usage.total_tokens if trajectory else 0,
         errors=errors, trajectory=trajectory.model_dump() if trajectory else None,
+        **_plan_counts(trajectory),
     )
+
+
+def _plan_counts(trajectory: Trajectory | None) -> dict[str, int]:
+    """How many plans the planner wrote, and how many the tolerant parser had to repair or replace."""
+    if trajectory is None:
+        return {}
+    plans = [plan for plan in trajectory.plans if plan.source == "planner"]
+    return {"plans": len(plans), "plan_fallbacks": sum(plan.fallback for plan in plans),
+            "plan_repairs": sum(plan.repaired for plan in plans),
+            "parse_failures": len(trajectory.parse_failures)}
 
 
 def evaluate_program(program: dspy.Module, questions: list[Question], *, threads: int = 8,
@@ -101,6 +119,7 @@ def answer_em_metric(example: dspy.Example, prediction: Any, trace: Any = None) 
 def aggregate(results: list[QuestionResult], seconds: float, retrieves: bool) -> EvalReport:
     """Means over the per-question rows."""
     n = len(results)
+    plans = sum(r.plans for r in results)
 
     def mean(values: list[float]) -> float:
         return statistics.fmean(values) if values else 0.0
@@ -112,4 +131,7 @@ def aggregate(results: list[QuestionResult], seconds: float, retrieves: bool) ->
         lm_calls=mean([r.lm_calls for r in results]), tokens=mean([r.tokens for r in results]),
         seconds_per_question=seconds / n if n else 0.0, seconds=seconds,
         failures=sum(1 for r in results if r.errors), results=results,
+        plan_fallback_rate=sum(r.plan_fallbacks for r in results) / plans if plans else None,
+        plan_repair_rate=sum(r.plan_repairs for r in results) / plans if plans else None,
+        parse_failures=mean([r.parse_failures for r in results]),
     )

@@ -7,6 +7,7 @@ generator). Both keep the output to one short field: the answer is what EM and F
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import dspy
@@ -44,6 +45,11 @@ def fallback_answer(records: Sequence[SubGoalRecord]) -> str:
     return ""
 
 
+def strip_echo(answer: str) -> str:
+    """Drop a passage marker the LM copied from its prompt (``[2] Title: ...`` -> ``Title: ...``)."""
+    return re.sub(r"^\[\d+\]\s*", "", answer).strip()
+
+
 class AnswerStep(dspy.Module):
     """``(question, findings, passages) -> answer``; an empty answer falls back to the last sub-answer."""
 
@@ -56,7 +62,7 @@ class AnswerStep(dspy.Module):
                 records: Sequence[SubGoalRecord] = ()) -> dspy.Prediction:
         raw = self.generate(question=question, findings=findings,
                             passages=format_passages(passages, self.passage_chars)).answer
-        answer = clean_answer(raw)
+        answer = strip_echo(clean_answer(raw))
         used_fallback = is_non_answer(answer)
         if used_fallback:
             answer = fallback_answer(records)
@@ -74,4 +80,4 @@ class PassageReader(dspy.Module):
 
     def forward(self, question: str, passages: Sequence) -> dspy.Prediction:
         raw = self.generate(question=question, passages=format_passages(passages, self.passage_chars)).answer
-        return dspy.Prediction(answer=clean_answer(raw))
+        return dspy.Prediction(answer=strip_echo(clean_answer(raw)))

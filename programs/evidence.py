@@ -33,22 +33,28 @@ def search(retriever: Retriever, query: str, k: int, trajectory: Trajectory, *, 
 def search_many(retriever: Retriever, queries: Sequence[str], k: int, trajectory: Trajectory, *,
                 round: int = 0, step: int | None = None) -> list[list[SearchHit]]:
     """Top-``k`` hits for each query with one ``search_batch`` call, each recorded in ``trajectory``."""
-    if not queries:
-        return []
-    trajectory.queries.extend(queries)
+    results: list[list[SearchHit]] = [[] for _ in queries]
+    todo = [i for i, query in enumerate(queries) if query.strip()]  # retrievers reject blank queries
+    if len(todo) < len(queries):
+        trajectory.notes.append(f"{len(queries) - len(todo)} blank search queries skipped")
+    if not todo:
+        return results
+    trajectory.queries.extend(queries[i] for i in todo)
     try:
-        results = retriever.search_batch(list(queries), k=k)
+        found = retriever.search_batch([queries[i] for i in todo], k=k)
     except Exception as error:  # noqa: BLE001 - a broken search costs this search, not the question
-        logger.warning("search failed for %r: %s", list(queries)[:3], error)
+        logger.warning("search failed for %r: %s", [queries[i] for i in todo][:3], error)
         trajectory.errors.append(f"search failed: {type(error).__name__}: {error}")
-        return [[] for _ in queries]
+        return results
+    for i, hits in zip(todo, found, strict=True):
+        results[i] = list(hits)
     for query, hits in zip(queries, results, strict=True):
         trajectory.retrieved.extend(
             RetrievedPassage(pid=hit.pid, title=hit.title, text=hit.text, score=hit.score, query=query,
                              round=round, step=step)
             for hit in hits
         )
-    return [list(hits) for hits in results]
+    return results
 
 
 def format_passages(passages: Iterable[SearchHit | RetrievedPassage], max_chars: int = 300) -> str:
@@ -81,14 +87,35 @@ def evidence_pool(trajectory: Trajectory, limit: int) -> list[RetrievedPassage]:
     return fuse(list(by_query.values()), limit)  # type: ignore[return-value]
 
 
-def clean_query(text: str | None, fallback: str) -> str:
-    """A usable search query from an LM's output: first line, no labels, quotes or placeholders."""
+def clean_query(text: str | None, fallback: str, anchor: str | None = None) -> str:
+    """A usable search query from an LM's output: first line, no labels, quotes or placeholders.
+
+    Small models often write a lead-in ("The search query is:") or drift off topic; a line that ends in a
+    colon, has fewer than two words, or shares no content word with ``anchor`` (default: ``fallback``)
+    is replaced by ``fallback``.
+    """
     line = next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), "")
     line = re.sub(r"^(?:search\s+)?query\s*:\s*", "", line, flags=re.IGNORECASE)
-    line = PLACEHOLDER.sub("", line).strip().strip("\"'`*").strip()
-    if len(re.findall(r"[^\W_]+", line)) < 2:
-        line = PLACEHOLDER.sub("", fallback).strip()
+    line = _without_placeholders(line).strip("\"'`*").strip()
+    anchor_words = content_words(fallback if anchor is None else anchor)
+    if (len(re.findall(r"[^\W_]+", line)) < 2 or line.endswith(":")
+            or (anchor_words and not content_words(line) & anchor_words)):
+        line = _without_placeholders(fallback)
     return line[:MAX_QUERY_CHARS]
+
+
+_STOP = frozenset("""a an the of in on at to for from by with and or but is are was were be been being what which who
+whom whose when where why how that this these those it its as do does did has have had not no yes than then
+answer question search query find information about""".split())
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-cased words of three letters or more that are not stop words."""
+    return {w for w in re.findall(r"[^\W_]{3,}", text.lower())} - _STOP
+
+
+def _without_placeholders(text: str) -> str:
+    return " ".join(re.sub(rf"\s*{PLACEHOLDER.pattern}", "", text).split())
 
 
 def is_non_answer(text: str | None) -> bool:

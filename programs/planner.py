@@ -102,7 +102,7 @@ def parse_plan(text: str | None, question: str, max_steps: int = 3) -> PlanParse
     """
     issues: list[PlanIssue] = []
     items = _json_items(text or "") or split_items(text or "")
-    items = [item for item in items if len(_WORD.findall(PLACEHOLDER.sub("", item.text))) >= 2]
+    items = [item for item in items if _is_step(item.text)]
     if not items:
         shown = (text or "").strip()[:80]
         issues.append(PlanIssue(kind="unparseable", detail=f"no steps in {shown!r}" if shown else "empty plan"))
@@ -119,8 +119,12 @@ def parse_plan(text: str | None, question: str, max_steps: int = 3) -> PlanParse
     return PlanParse(plan, issues)
 
 
-def split_items(text: str) -> list[_Item]:
-    """Split a list the LM wrote into items (also used for the reflector's follow-up questions)."""
+def split_items(text: str, questions_only: bool = True) -> list[_Item]:
+    """Split a list the LM wrote into items (plans, the reflector's follow-ups, QAgent's queries).
+
+    Numbered or bulleted lines are items; without any, each line is one, but with ``questions_only``
+    only lines holding a question mark are (prose is not a plan).
+    """
     text = _INLINE_NUMBER.sub("\n", _HEADER.sub("\n", text))  # "1. A? 2. B?" on one line
     lines = [_clean_line(line) for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("```")]
@@ -135,7 +139,12 @@ def split_items(text: str) -> list[_Item]:
         return marked
     if len(lines) == 1 and lines[0].count("?") > 1:  # "Who directed X? When was #1 born?"
         lines = [part.strip() + "?" for part in lines[0].split("?") if part.strip()]
-    return [_item(None, line) for line in lines if not line.lower().rstrip(":").endswith("plan")]
+    return [_item(None, line) for line in lines if "?" in line or not questions_only]
+
+
+def _is_step(text: str) -> bool:
+    """At least two words, and not a lead-in such as "The sub-questions are:"."""
+    return len(_WORD.findall(PLACEHOLDER.sub("", text))) >= 2 and not text.rstrip().endswith(":")
 
 
 def _clean_line(line: str) -> str:

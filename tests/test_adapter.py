@@ -47,3 +47,10 @@ def test_missing_field_of_several_is_filled_empty_and_recorded():
 
 def test_no_log_active_still_parses():
     assert TolerantChatAdapter().parse(OneField, "") == {"answer": ""}
+
+
+def test_loosely_spaced_headers_are_understood_without_a_failure():
+    with record_parse_failures() as log:
+        fields = TolerantChatAdapter().parse(TwoFields, "[[## analysis ## ]] It is in France. [[ ##answer##]]\nParis")
+    assert fields == {"analysis": "It is in France.", "answer": "Paris"}
+    assert log.failures == []

@@ -70,7 +70,8 @@ def evaluate(
         print(json.dumps(summary))
         return
     table = Table(title=f"{program} on {questions} ({report.n} questions)")
-    for key in ("em", "f1", "hit", "recall", "lm_calls", "tokens", "seconds_per_question", "failures"):
+    for key in ("em", "f1", "hit", "recall", "lm_calls", "tokens", "seconds_per_question", "failures",
+                "parse_failures", "plan_fallback_rate", "plan_repair_rate"):
         value = summary.get(key)
         if value is not None:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))

@@ -24,6 +24,8 @@ from dspy.adapters.utils import parse_value
 from dspy.utils.exceptions import AdapterParseError
 
 _ANY_HEADER = re.compile(r"\[\[\s*##\s*\w+\s*##\s*\]\]")
+# Small models write the header with the spacing off (``[[## answer ## ]]``, ``[[ ##answer##]]``).
+_LOOSE_HEADER = re.compile(r"\[\[\s*#{1,3}\s*(\w+)\s*#{1,3}\s*\]\]")
 
 
 @dataclass
@@ -65,6 +67,7 @@ class TolerantChatAdapter(ChatAdapter):
         super().__init__(**kwargs)
 
     def parse(self, signature, completion: str) -> dict[str, Any]:
+        completion = canonical_headers(completion or "")
         try:
             return super().parse(signature, completion)
         except AdapterParseError as error:
@@ -98,6 +101,11 @@ def salvage_fields(signature, completion: str, parsed: dict[str, Any]) -> dict[s
                 pass
         fields[name] = "" if annotation is str else None
     return fields
+
+
+def canonical_headers(completion: str) -> str:
+    """Rewrite loosely spaced section headers into the exact ``[[ ## name ## ]]`` form, each on its own line."""
+    return _LOOSE_HEADER.sub(lambda m: f"\n[[ ## {m.group(1)} ## ]]\n", completion).strip()
 
 
 def has_section_headers(completion: str) -> bool:

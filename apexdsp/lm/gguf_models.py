@@ -137,6 +137,7 @@ def ensure_converted(name: str = "smollm2-135m") -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         _convert(gguf_path, staging, description=gguf_model(name).description)
+        staging.chmod(0o755)  # mkdtemp creates it private
         if target.exists():  # a stale, unfinished folder from an older layout
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -1,0 +1,214 @@
+"""A local transformers model as a DSPy 3.4 engine: ``dspy.LM("local/NAME", engine=LocalEngine(...))``.
+
+DSPy 3.4 deprecates subclassing ``BaseLM.forward`` (a wrong return shape silently yields empty
+predictions); the supported way is an engine whose ``complete(Request)`` returns a ``dspy.lm15.Response``.
+DSPy then keeps what it owns — the response cache, retries, ``n`` (it calls ``complete`` once per
+candidate), history, usage tracking and callbacks — and the engine only turns one canonical request into
+one completion. Requests from many threads go through one :class:`~apexdsp.lm.batching.BatchScheduler`,
+so concurrent DSPy calls are decoded as one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dspy.lm15 import Message, Request, Response, Usage, UnsupportedFeatureError, response_to_events
+
+from apexdsp.errors import ModelNotAvailable
+from apexdsp.lm.batching import BatchingConfig, BatchScheduler, BatchStats
+from apexdsp.lm.generation import DecodeBatch, SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the local model runs. float32 is the safe default on CPU; bfloat16 halves weight reads
+    (faster where the CPU has native bf16 matmuls, e.g. AVX512-BF16/AMX) at a small cost in precision."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_threads: int | None = None  # torch intra-op threads (process-wide); None leaves torch's choice
+    max_batch_size: int = 16
+    collect_window_s: float = 0.005
+    join_running: bool = True
+    default_max_tokens: int = 512  # when neither the LM nor the call sets max_tokens
+    default_temperature: float = 0.0  # when neither sets temperature: greedy, reproducible
+    prefix_cache_size: int = 8  # shared prompt prefixes (system message + demos) whose KV states are kept
+
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig(self.max_batch_size, self.collect_window_s, self.join_running)
+
+
+class LocalEngine:
+    """Serves one local causal LM folder (safetensors + tokenizer) to DSPy.
+
+    ``source`` is what :func:`apexdsp.lm.registry.resolve_local` understands (a registry name such as
+    ``smollm2-135m`` or a folder); it is what a saved program records, so that loading it elsewhere
+    finds the model again without a machine-specific path. The weights load on the first request.
+    """
+
+    # Capability hints DSPy's adapters read: a 135M model follows the text format, nothing more.
+    supports_function_calling = False
+    supports_reasoning = False
+    supports_response_schema = False
+
+    def __init__(self, source: str, model_dir: str | Path, config: EngineConfig | None = None) -> None:
+        self.source = source
+        self.model_dir = Path(model_dir)
+        self.config = config or EngineConfig()
+        self._load_lock = threading.Lock()
+        self._tokenizer: Any = None
+        self._model: Any = None
+        self._scheduler = BatchScheduler(self._new_batch, self.config.batching())
+
+    # -- DSPy engine contract ----------------------------------------------------------------------
+
+    def complete(self, request: Request) -> Response:
+        prompt_ids, prefix_len = self.prompt_ids(request)
+        params = self.sampling_params(request)
+        completion = self._scheduler.generate(prompt_ids, params, prefix_len)
+        return Response(
+            id=None,
+            model=request.model,
+            message=Message.assistant(completion.text),
+            finish_reason=completion.finish_reason,
+            usage=Usage(input_tokens=completion.prompt_tokens, output_tokens=completion.completion_tokens),
+        )
+
+    def stream(self, request: Request):
+        """DSPy streaming: the completion arrives as one chunk (the batch decodes rows in lockstep)."""
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        self._scheduler.close()
+
+    def dump_state(self) -> dict:
+        return {"source": self.source, "config": asdict(self.config)}
+
+    @classmethod
+    def load_state(cls, state: dict) -> "LocalEngine":
+        from apexdsp.lm.registry import local_engine
+
+        return local_engine(state["source"], EngineConfig(**state.get("config", {})))
+
+    # -- request translation -------------------------------------------------------------------------
+
+    def chat_messages(self, request: Request) -> list[dict[str, str]]:
+        """The request as chat-template messages (system first)."""
+        if request.tools:
+            raise UnsupportedFeatureError(f"{request.model}: a local model does not take tools")
+        messages: list[dict[str, str]] = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(
+                getattr(part, "text", "") for part in request.system)
+            messages.append({"role": "system", "content": system})
+        for message in request.messages:
+            if message.text is None:
+                raise UnsupportedFeatureError(f"{request.model}: a local model takes text messages only")
+            role = {"developer": "system"}.get(message.role, message.role)
+            if role not in ("system", "user", "assistant"):
+                raise UnsupportedFeatureError(f"{request.model}: role {message.role!r} is not supported")
+            messages.append({"role": role, "content": message.text})
+        return messages
+
+    def prompt_ids(self, request: Request) -> tuple[list[int], int]:
+        """Token ids of the prompt, and how many leading ones are shared with other calls.
+
+        The chat template is applied when the model has one, else the plain texts are joined. The shared
+        part is everything before the last message (system message and demos, identical for every call
+        of one DSPy predictor), when its tokens are a prefix of the prompt's.
+        """
+        tokenizer = self.tokenizer
+        messages = self.chat_messages(request)
+        prefix: list[int] = []
+        if getattr(tokenizer, "chat_template", None):
+            ids = _token_list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+            if len(messages) > 1:
+                prefix = _token_list(tokenizer.apply_chat_template(messages[:-1], tokenize=True))
+        else:  # a base model (e.g. Gemma-3-270m): continue the concatenated text
+            ids = tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
+        limit = self.context_length
+        if limit and len(ids) >= limit:
+            raise ValueError(f"{request.model}: the prompt has {len(ids)} tokens, the model's context is {limit}")
+        return ids, len(prefix) if prefix and ids[: len(prefix)] == prefix else 0
+
+    def sampling_params(self, request: Request) -> SamplingParams:
+        config = request.config
+        extensions = config.extensions or {}
+        bias = tuple((int(token), float(value)) for token, value in (extensions.get("logit_bias") or {}).items())
+        return SamplingParams(
+            max_tokens=config.max_tokens if config.max_tokens is not None else self.config.default_max_tokens,
+            temperature=(config.temperature if config.temperature is not None
+                         else self.config.default_temperature),
+            top_p=config.top_p if config.top_p is not None else 1.0,
+            top_k=config.top_k or 0,
+            stop=tuple(s for s in config.stop if s),
+            seed=config.seed,
+            logit_bias=bias,
+        )
+
+    # -- model ---------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        self.load()
+        return self._tokenizer
+
+    @property
+    def model(self) -> Any:
+        self.load()
+        return self._model
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    def stats(self) -> BatchStats:
+        """Counters of the batching worker (rows per step, tokens, busy time)."""
+        return self._scheduler.stats()
+
+    def reset_stats(self) -> None:
+        self._scheduler.reset_stats()
+
+    def load(self) -> None:
+        """Load tokenizer and weights once (thread-safe); a broken folder is a one-line error."""
+        if self._model is not None:
+            return
+        with self._load_lock:
+            if self._model is not None:
+                return
+            if not (self.model_dir / "config.json").is_file():
+                raise ModelNotAvailable(f"{self.model_dir}: not a transformers model folder (no config.json)")
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            if self.config.num_threads:
+                torch.set_num_threads(self.config.num_threads)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.config.dtype))
+            self._tokenizer = tokenizer
+            self._model = model.to(self.config.device).eval()
+
+    def eos_ids(self) -> set[int]:
+        """Every token that ends a turn: the tokenizer's EOS plus the generation config's list."""
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if configured is not None:
+            ids.update(configured if isinstance(configured, list) else [configured])
+        return ids
+
+    def _new_batch(self) -> DecodeBatch:
+        tokenizer = self.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return DecodeBatch(self.model, tokenizer, self.eos_ids(), pad, self.config.prefix_cache_size)
+
+    def __repr__(self) -> str:
+        return f"LocalEngine({self.source!r}, {json.dumps(asdict(self.config))})"
+
+
+def _token_list(encoded: Any) -> list[int]:
+    """``apply_chat_template(tokenize=True)`` returns a list, or a BatchEncoding in some versions."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)

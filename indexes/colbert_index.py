@@ -1,0 +1,142 @@
+"""``apexdsp index build``: a real colbert-ai (PLAID) index over a corpus, built on CPU.
+
+Layout of an index directory::
+
+    apexdsp-index.json   manifest (written last: its absence means an unfinished build)
+    passages.jsonl       pid -> id/title/text (colbert knows passages only by integer position)
+    colbert/             colbert-ai's index files (centroids, residual codes, ivf, metadata)
+
+The directory is built in a temporary sibling and swapped in only when complete, so an interrupted
+build never damages an index that was already there.
+
+One change to colbert's indexer, for speed: colbert encodes a sample of the collection to train the
+k-means centroids, then encodes the whole collection again to compress it. Below about 30k passages its
+sample *is* the whole collection, so every passage was encoded twice; :class:`EncodeOnceIndexer` keeps
+the sample's embeddings and reuses them, which halves the encoding time; the stored embeddings are the
+ones colbert's second pass would compute (same passages, same model, same batches while the collection
+fits in one chunk of 25k).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from apexdsp.indexes.atomic import building
+from apexdsp.indexes.corpus import load_corpus, write_passage_table
+from apexdsp.indexes.encoder import check_encoder_dir, encoder_fingerprint
+from apexdsp.indexes.manifest import IndexManifest
+
+COLBERT_SUBDIR = "colbert"
+
+
+def _encode_once_indexer():
+    """colbert's ``encode`` entry point with :class:`EncodeOnceIndexer`; defined lazily (imports colbert)."""
+    import torch
+    import tqdm
+    from colbert.indexing.collection_indexer import CollectionIndexer
+
+    class EncodeOnceIndexer(CollectionIndexer):
+        """colbert's ``CollectionIndexer`` that reuses the k-means sample's embeddings when it is everything."""
+
+        _reuse: tuple[torch.Tensor, list[int], torch.Tensor] | None = None
+
+        def _sample_embeddings(self, sampled_pids):
+            if self.nranks != 1 or len(sampled_pids) != len(self.collection):
+                return super()._sample_embeddings(sampled_pids)
+            # The parent's single-process CPU branch, keeping the embeddings and doclens it would drop.
+            passages = [passage for _, passage in self.collection.enumerate(rank=self.rank)]
+            embs, doclens = self.encoder.encode_passages(passages)
+            embs = embs.half()
+            self.num_sample_embs = torch.tensor([embs.size(0)])
+            self.avg_doclen_est = sum(doclens) / len(doclens)
+            torch.save(embs, os.path.join(self.config.index_path_, f"sample.{self.rank}.pt"))
+            self._reuse = (embs, list(doclens), torch.cumsum(torch.tensor([0, *doclens]), 0))
+            return self.avg_doclen_est
+
+        def index(self):
+            if self._reuse is None:
+                return super().index()
+            embs, doclens, offsets = self._reuse
+            with self.saver.thread():
+                batches = self.collection.enumerate_batches(rank=self.rank)
+                for chunk_idx, offset, passages in tqdm.tqdm(batches, desc="colbert: compressing chunks"):
+                    end = offset + len(passages)
+                    self.saver.save_chunk(chunk_idx, offset, embs[offsets[offset]:offsets[end]], doclens[offset:end])
+            self._reuse = None
+
+    def encode(config, collection, shared_lists, shared_queues, verbose=1):
+        EncodeOnceIndexer(config=config, collection=collection, verbose=verbose).run(shared_lists)
+
+    return encode
+
+
+def _directory_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def run_colbert_indexer(texts: list[str], encoder: Path, index_path: Path, nbits: int, verbose: int = 1) -> None:
+    """Index ``texts`` (pid = position) with colbert-ai on CPU, in this process, into ``index_path``."""
+    from apexdsp.paths import configure_environment
+
+    configure_environment()
+    from colbert import Indexer
+    from colbert.infra import Run, RunConfig
+    from colbert.infra.launcher import Launcher
+
+    from apexdsp.indexes.encoder import colbert_config
+
+    run_root = index_path.parent / ".colbert-run"  # colbert's own run logs stay inside the staging folder
+    with Run().context(RunConfig(nranks=1, gpus=0, avoid_fork_if_possible=True, root=str(run_root),
+                                 experiment="apexdsp")):
+        indexer = Indexer(checkpoint=str(encoder), config=colbert_config(encoder, nbits=nbits, index_bsize=32),
+                          verbose=verbose)
+        indexer.configure(collection=texts, index_path=str(index_path), index_name=index_path.name, resume=False,
+                          bsize=64, partitions=None)
+        index_path.mkdir(parents=True, exist_ok=True)
+        Launcher(_encode_once_indexer()).launch_without_fork(indexer.config, texts, [], [], verbose)
+    import shutil
+
+    shutil.rmtree(run_root, ignore_errors=True)
+
+
+def build_index(corpus_path: str | os.PathLike[str], encoder_dir: str | os.PathLike[str],
+                out: str | os.PathLike[str], nbits: int = 2, threads: int = 2, verbose: int = 1) -> IndexManifest:
+    """Validate the corpus, index it with the trained encoder, and swap the finished index into ``out``."""
+    from apexdsp.errors import ApexError
+
+    if nbits not in (1, 2, 4, 8):
+        raise ApexError(f"nbits must be 1, 2, 4 or 8 (bits per residual dimension), got {nbits}")
+    corpus = load_corpus(corpus_path)
+    encoder = check_encoder_dir(encoder_dir)
+    fingerprint = encoder_fingerprint(encoder)
+
+    from apexdsp.paths import configure_environment
+
+    configure_environment()
+    import colbert
+    import torch
+
+    import apexdsp
+    from apexdsp.indexes.encoder import load_checkpoint
+
+    torch.set_num_threads(threads)
+    shape = load_checkpoint(encoder).colbert_config
+    started = time.perf_counter()
+    with building(out) as staging:
+        write_passage_table(corpus, staging)
+        run_colbert_indexer(corpus.texts(), encoder, staging / COLBERT_SUBDIR, nbits, verbose)
+        seconds = time.perf_counter() - started
+        size = _directory_bytes(staging / COLBERT_SUBDIR)
+        manifest = IndexManifest(
+            corpus_path=corpus.path, corpus_sha256=corpus.sha256, passages=len(corpus),
+            encoder_path=str(encoder), encoder_fingerprint=fingerprint, nbits=nbits, dim=shape.dim,
+            doc_maxlen=shape.doc_maxlen, query_maxlen=shape.query_maxlen, build_seconds=round(seconds, 2),
+            passages_per_second=round(len(corpus) / seconds, 2), index_bytes=size,
+            bytes_per_passage=round(size / len(corpus), 1), created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            apexdsp_version=apexdsp.__version__, colbert_version=getattr(colbert, "__version__", "0.2.22"),
+            torch_version=torch.__version__, load_average=[round(x, 2) for x in os.getloadavg()],
+        )
+        manifest.write(staging)
+    return manifest

