@@ -97,17 +97,24 @@ def _plan_counts(trajectory: Trajectory | None) -> dict[str, int]:
 
 def evaluate_program(program: dspy.Module, questions: list[Question], *, threads: int = 8,
                      retrieves: bool = True, progress: bool = True) -> EvalReport:
-    """Run ``program`` on every question with ``threads`` workers and score the answers."""
+    """Run ``program`` on every question with ``threads`` workers and score the answers.
+
+    This is ``dspy.Evaluate``'s own executor (``ParallelExecutor``: DSPy settings propagated into each
+    thread, a progress bar, errors counted rather than fatal), used directly for one reason: ``Evaluate``
+    resubmits any question still running after 120 s, and a multi-hop agent on a busy 2-core machine can
+    take that long, so the same question would be decoded twice. ``timeout=0`` turns that off.
+    """
+    from dspy.utils.parallelizer import ParallelExecutor
+
     examples = to_examples(questions)
-    evaluator = dspy.Evaluate(devset=examples, num_threads=threads, display_progress=progress,
-                              display_table=False, max_errors=len(examples) + 1, failure_score=0.0,
-                              provide_traceback=False)
+    executor = ParallelExecutor(num_threads=threads, max_errors=len(examples) + 1,
+                                disable_progress_bar=not progress, provide_traceback=False, timeout=0)
     started = time.perf_counter()
-    outcome = evaluator(program, metric=answer_em_metric)
+    predictions = executor.execute(lambda example: program(**example.inputs()), examples)
     seconds = time.perf_counter() - started
-    # Evaluate keeps devset order; a question whose program raised comes back as an empty Prediction.
+    # Results keep devset order; a question whose program raised comes back as None.
     results = [score_question(q, prediction, retrieves)
-               for q, (_, prediction, _) in zip(questions, outcome.results, strict=True)]
+               for q, prediction in zip(questions, predictions, strict=True)]
     return aggregate(results, seconds, retrieves)
 
 

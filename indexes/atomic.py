@@ -14,8 +14,35 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_abandoned(target: Path) -> list[Path]:
+    """Delete staging folders of ``target`` left by builds whose process died (killed, power loss)."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for leftover in target.parent.glob(f"{target.name}.{kind}-*"):
+            suffix = leftover.name.rsplit("-", 1)[-1]
+            if not (suffix.isdigit() and leftover.is_dir()) or _alive(int(suffix)):
+                continue
+            if kind == "old" and not target.exists():
+                os.replace(leftover, target)  # died between moving the old one aside and the new one in
+                continue
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
+
+
 def staging_dir(target: Path) -> Path:
-    """A fresh temporary sibling of ``target`` owned by this process."""
+    """A fresh temporary sibling of ``target`` owned by this process (abandoned ones are cleared first)."""
+    remove_abandoned(target)
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)

@@ -85,11 +85,11 @@ def run_colbert_indexer(texts: list[str], encoder: Path, index_path: Path, nbits
     from colbert.infra import Run, RunConfig
     from colbert.infra.launcher import Launcher
 
-    from apexdsp.indexes.encoder import colbert_config
+    from apexdsp.indexes.encoder import colbert_config, quiet_colbert
 
     run_root = index_path.parent / ".colbert-run"  # colbert's own run logs stay inside the staging folder
-    with Run().context(RunConfig(nranks=1, gpus=0, avoid_fork_if_possible=True, root=str(run_root),
-                                 experiment="apexdsp")):
+    run_config = RunConfig(nranks=1, gpus=0, avoid_fork_if_possible=True, root=str(run_root), experiment="apexdsp")
+    with quiet_colbert(keep_output=verbose > 0), Run().context(run_config):
         indexer = Indexer(checkpoint=str(encoder), config=colbert_config(encoder, nbits=nbits, index_bsize=32),
                           verbose=verbose)
         indexer.configure(collection=texts, index_path=str(index_path), index_name=index_path.name, resume=False,
@@ -115,14 +115,15 @@ def build_index(corpus_path: str | os.PathLike[str], encoder_dir: str | os.PathL
     from apexdsp.paths import configure_environment
 
     configure_environment()
-    import colbert
+    from importlib.metadata import version
+
     import torch
+    from colbert.infra import ColBERTConfig
 
     import apexdsp
-    from apexdsp.indexes.encoder import load_checkpoint
 
     torch.set_num_threads(threads)
-    shape = load_checkpoint(encoder).colbert_config
+    shape = ColBERTConfig.load_from_checkpoint(str(encoder))
     started = time.perf_counter()
     with building(out) as staging:
         write_passage_table(corpus, staging)
@@ -135,7 +136,7 @@ def build_index(corpus_path: str | os.PathLike[str], encoder_dir: str | os.PathL
             doc_maxlen=shape.doc_maxlen, query_maxlen=shape.query_maxlen, build_seconds=round(seconds, 2),
             passages_per_second=round(len(corpus) / seconds, 2), index_bytes=size,
             bytes_per_passage=round(size / len(corpus), 1), created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            apexdsp_version=apexdsp.__version__, colbert_version=getattr(colbert, "__version__", "0.2.22"),
+            apexdsp_version=apexdsp.__version__, colbert_version=version("colbert-ai"),
             torch_version=torch.__version__, load_average=[round(x, 2) for x in os.getloadavg()],
         )
         manifest.write(staging)

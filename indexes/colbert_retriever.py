@@ -67,9 +67,10 @@ class ColBERTRetriever(CorpusRetriever):
         from colbert import Searcher
         from colbert.infra import Run, RunConfig
 
-        from apexdsp.indexes.encoder import colbert_config
+        from apexdsp.indexes.encoder import colbert_config, quiet_colbert
 
-        with Run().context(RunConfig(nranks=1, gpus=0, root=str(self.index_dir / ".colbert-run"))):
+        run_config = RunConfig(nranks=1, gpus=0, root=str(self.index_dir / ".colbert-run"))
+        with quiet_colbert(), Run().context(run_config):
             self._searcher = Searcher(index=str(colbert_dir), checkpoint=str(encoder_dir),
                                       collection=self.corpus.texts(), config=colbert_config(encoder_dir),
                                       verbose=verbose)
@@ -94,8 +95,9 @@ class ColBERTRetriever(CorpusRetriever):
     def _search_pids(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
         import torch
 
+        self._warn_if_truncated(queries)
         with self._lock, torch.inference_mode():
-            embeddings = self.encode(queries)
+            embeddings = self._searcher.encode(queries)
             self._searcher.configure(**search_settings(k))
             results = []
             for row in range(len(queries)):

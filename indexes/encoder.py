@@ -10,8 +10,13 @@ searched with queries encoded by another encoder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,4 +106,24 @@ def load_checkpoint(path: str | os.PathLike[str], verbose: int = 0):
     from colbert.modeling.checkpoint import Checkpoint
 
     folder = check_encoder_dir(path)
-    return Checkpoint(str(folder), colbert_config=colbert_config(folder), verbose=verbose)
+    with quiet_colbert():
+        return Checkpoint(str(folder), colbert_config=colbert_config(folder), verbose=verbose)
+
+
+def silence_cpu_amp_warnings() -> None:
+    """colbert calls ``torch.cuda.amp`` on every CPU encode: two warnings that say nothing on a CPU machine."""
+    warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*CUDA is not available", category=UserWarning)
+
+
+@contextlib.contextmanager
+def quiet_colbert(keep_output: bool = False) -> Iterator[None]:
+    """Keep stdout for results while colbert loads or builds: it prints its progress there.
+
+    With ``keep_output`` its prints go to stderr (long builds, where they show progress); otherwise they
+    are dropped. Use it around loading and building only: the redirection is process-wide, so it must
+    not wrap searches that run while other threads print.
+    """
+    silence_cpu_amp_warnings()
+    with contextlib.redirect_stdout(sys.stderr if keep_output else io.StringIO()):
+        yield

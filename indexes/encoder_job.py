@@ -54,8 +54,12 @@ def train_encoder(
     track: bool = True,
     progress: bool = True,
     threads: int = 2,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> TrainedEncoder:
-    """Train an encoder on ``train_files`` and save it at ``out`` (replacing any earlier one only when done)."""
+    """Train an encoder on ``train_files`` and save it at ``out`` (replacing any earlier one only when done).
+
+    ``cache_dir`` keeps the frozen layers' outputs on disk for the next run on the same data.
+    """
     from apexdsp.paths import configure_environment
 
     configure_environment()
@@ -87,7 +91,7 @@ def train_encoder(
         trainer = EncoderTrainer(config, examples)
         total = trainer.count_texts()
         with tqdm(total=total, desc="encoder: caching frozen layers", unit="text", disable=not progress) as bar:
-            trainer.prepare(progress=bar.update)
+            trainer.prepare(progress=bar.update, cache_dir=Path(cache_dir) if cache_dir else None)
         timings["cache_s"] = time.perf_counter() - mark
 
         mark = time.perf_counter()

@@ -7,13 +7,12 @@ generator). Both keep the output to one short field: the answer is what EM and F
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import dspy
 
 from apexdsp.programs.base import clean_answer
-from apexdsp.programs.evidence import format_passages, is_non_answer
+from apexdsp.programs.evidence import format_passages, is_non_answer, strip_echo
 from apexdsp.programs.trajectory import RetrievedPassage, SubGoalRecord
 
 
@@ -43,11 +42,6 @@ def fallback_answer(records: Sequence[SubGoalRecord]) -> str:
             if record.answered == wanted and record.answer and not is_non_answer(record.answer):
                 return record.answer
     return ""
-
-
-def strip_echo(answer: str) -> str:
-    """Drop a passage marker the LM copied from its prompt (``[2] Title: ...`` -> ``Title: ...``)."""
-    return re.sub(r"^\[\d+\]\s*", "", answer).strip()
 
 
 class AnswerStep(dspy.Module):

@@ -123,6 +123,11 @@ def is_non_answer(text: str | None) -> bool:
     return (text or "").strip().strip(".!").lower() in _NON_ANSWERS
 
 
+def strip_echo(answer: str) -> str:
+    """Drop a passage marker the LM copied from its prompt (``[2] Title: ...`` -> ``Title: ...``)."""
+    return re.sub(r"^\[\d+\]\s*", "", answer).strip()
+
+
 def parse_yes_no(text: str | None) -> bool | None:
     """``True`` for yes, ``False`` for no, ``None`` when the text is neither."""
     words = re.findall(r"[a-z]+", (text or "").lower())

@@ -15,7 +15,8 @@ import dspy
 
 from apexdsp.indexes.base import Retriever
 from apexdsp.programs.base import clean_answer
-from apexdsp.programs.evidence import clean_query, format_passages, is_non_answer, parse_yes_no, search
+from apexdsp.programs.evidence import (clean_query, format_passages, is_non_answer, parse_yes_no, search,
+                                      strip_echo)
 from apexdsp.programs.planner import PLACEHOLDER, SubGoal
 from apexdsp.programs.trajectory import SubGoalRecord, Trajectory
 
@@ -97,18 +98,17 @@ class Executor(dspy.Module):
                                unfilled=unfilled)
         trajectory.subgoals.append(record)  # in memory at once: a failure below still leaves the record
         query = self._first_query(record.filled)
-        best_guess = ""
         for attempt in range(self.max_rewrites + 1):
             record.queries.append(query)
             hits = search(self.retriever, query, self.k, trajectory, round=round, step=step.id)
             if hits:
                 result = self.analyze(question=record.filled, passages=format_passages(hits, self.passage_chars))
-                answer = clean_answer(result.answer)
+                answer = strip_echo(clean_answer(result.answer))
                 said = parse_yes_no(result.answered)
                 record.analysis = " ".join((result.analysis or "").split())[:300]
                 usable = bool(answer) and not is_non_answer(answer)
-                if usable and (said is not False or not best_guess):
-                    best_guess = answer
+                if usable and (said is not False or not record.answer):
+                    record.answer = answer  # the best guess so far
                 # A missing yes/no is read from the answer itself: a real answer counts as yes.
                 if usable and (said if said is not None else True):
                     record.answered = True
@@ -120,7 +120,6 @@ class Executor(dspy.Module):
                 query = clean_query(rewritten, fallback=record.filled)
                 if query in record.queries:  # the same search again would give the same passages
                     break
-        record.answer = best_guess
         return record
 
     def _first_query(self, sub_question: str) -> str:

@@ -40,7 +40,8 @@ def parse_queries(raw: str | None, fallbacks: list[str], issued: list[str], limi
     queries cost retrieval time only, not LM calls."""
     queries: list[str] = []
     seen = {query.lower() for query in issued}
-    written = [clean_query(item.text, fallback="", anchor=anchor) for item in split_items(raw or "", questions_only=False)]
+    items = split_items(raw or "", questions_only=False)
+    written = [clean_query(item.text, fallback="", anchor=anchor) for item in items]
     for text in written + fallbacks:
         query = clean_query(text, fallback="", anchor="")
         if query and query.lower() not in seen:

@@ -135,7 +135,3 @@ class Trajectory(BaseModel):
         for passage in self.retrieved:
             seen.setdefault(passage.pid, f"{passage.title}: {passage.text}")
         return list(seen.values())
-
-    def plan_failed(self) -> bool:
-        """Whether a planner output was unusable and replaced by the one-step fallback."""
-        return any(plan.fallback for plan in self.plans if plan.source == "planner")

@@ -66,3 +66,45 @@ def test_bm25_baseline(tmp_path):
     with pytest.raises(ApexError, match="empty query"):
         bm25("")
     assert [[h.pid for h in hs][:1] for hs in bm25(["Paris France", "cats sleep"], k=1)] == [["a"], ["c"]]
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_building_a_directory_is_all_or_nothing(tmp_path):
+    from apexdsp.indexes.atomic import building
+
+    target = tmp_path / "index"
+    with building(target) as staging:
+        (staging / "file").write_text("v1")
+    assert (target / "file").read_text() == "v1"
+    with pytest.raises(RuntimeError):
+        with building(target) as staging:
+            (staging / "file").write_text("v2")
+            raise RuntimeError("interrupted")
+    assert (target / "file").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    with building(target) as staging:
+        (staging / "file").write_text("v3")
+    assert (target / "file").read_text() == "v3" and sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_leftovers_of_killed_builds_are_cleared_or_restored(tmp_path):
+    from apexdsp.indexes.atomic import building
+
+    target = tmp_path / "index"
+    (tmp_path / f"index.tmp-{dead_pid()}").mkdir()  # a build killed while writing: removed
+    earlier = tmp_path / f"index.old-{dead_pid()}"  # killed after moving the old index aside: restored
+    earlier.mkdir()
+    (earlier / "file").write_text("v0")
+    (tmp_path / "index.tmp-mine").mkdir()  # not a pid: not ours to remove
+    with building(target) as staging:
+        assert (target / "file").read_text() == "v0"
+        (staging / "file").write_text("v1")
+    assert (target / "file").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "index.tmp-mine"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from apexdsp.errors import ModelNotAvailable
 from apexdsp.lm import gguf_models
+from apexdsp.lm.engine import EngineConfig
 from apexdsp.lm.registry import get_lm, local_engine
 
 APEXDSP = str(Path(sys.executable).parent / "apexdsp")
@@ -86,23 +88,49 @@ def test_stop_string_ends_generation_and_is_cut(lm):
     assert last_usage(lm)["completion_tokens"] < full_tokens
 
 
-def test_concurrent_calls_are_decoded_together_with_the_same_greedy_output(lm, engine):
-    """Threads (as in Evaluate(num_threads=...)) share decoding steps; left padding changes no answer."""
-    prompts = ["What is the capital of France?", "Name a colour.", LONG_ANSWER, "Say hello in Spanish."]
-    alone = [lm(p, max_tokens=8)[0] for p in prompts]
-    engine.reset_stats()
+def concurrently(model, prompts: list[str], **kwargs) -> list[str]:
+    """Call ``model`` from one thread per prompt, released together (as Evaluate(num_threads=...) does)."""
     barrier = threading.Barrier(len(prompts))
 
     def call(prompt: str) -> str:
         barrier.wait()
-        return lm(prompt, max_tokens=8)[0]
+        return model(prompt, **kwargs)[0]
 
     with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(call, prompts))
-    assert together == alone
+        return list(pool.map(call, prompts))
+
+
+PROMPTS = ["What is the capital of France?", "Name a colour.", LONG_ANSWER, "Say hello in Spanish."]
+
+
+def test_concurrent_calls_are_decoded_together(lm, engine):
+    engine.reset_stats()
+    outputs = concurrently(lm, PROMPTS, max_tokens=8)
+    assert all(outputs)
     stats = engine.stats()
-    assert stats.requests == len(prompts)
+    assert stats.requests == len(PROMPTS) and stats.completion_tokens <= 8 * len(PROMPTS)
     assert stats.largest_batch > 1, stats.as_dict()
+
+
+def test_float32_greedy_answers_do_not_depend_on_the_batch():
+    """Padding a prompt into a batch with others of other lengths changes no float32 greedy answer."""
+    exact = get_lm("smollm2-135m", cache=False, engine_config=EngineConfig(dtype="float32"))
+    alone = [exact(p, max_tokens=8)[0] for p in PROMPTS]
+    assert concurrently(exact, PROMPTS, max_tokens=8) == alone
+    assert exact.engine.stats().largest_batch > 1
+
+
+def test_async_calls_share_the_worker(lm, engine):
+    """``acall`` from asyncio tasks reaches the same batching worker as threads do."""
+    import asyncio
+
+    async def both() -> list:
+        return await asyncio.gather(*(lm.acall(p, max_tokens=6) for p in ("Name a colour.", "Name a fruit.")))
+
+    engine.reset_stats()
+    outputs = asyncio.run(both())
+    assert all(out[0] for out in outputs)
+    assert engine.stats().requests == 2
 
 
 def test_rollout_ids_bypass_the_cache_and_repeat_calls_hit_it(monkeypatch, tmp_path):
@@ -157,8 +185,6 @@ def test_cli_generate_json(engine):
     result = CliRunner().invoke(lm_cmd.app, ["generate", "What is the capital of France?", "--max-tokens", "8",
                                              "--json"])
     assert result.exit_code == 0, result.output
-    import json
-
     data = json.loads(result.stdout)
     assert "Paris" in data["completions"][0]
     assert data["usage"]["completion_tokens"] <= 8

@@ -55,9 +55,10 @@ def test_dependency_from_an_annotation_without_placeholder_is_kept():
     assert steps(parsed) == [("Who directed Jaws?", []), ("Where was that director born?", [1])]
 
 
-@pytest.mark.parametrize("text", ["", "   ", "Paris", "The answer to this question is:\n\n[#1]",
-                                  "1. The sub-questions are:", "Jaws is a film by Spielberg.", "[[ ## plan ## ]]\n\n[[ ## completed ## ]]", "1.\n2.",
-                                  "{}", "[]", "?!?", "[[ ## plan ## ]]"])
+@pytest.mark.parametrize("text", [
+    "", "   ", "Paris", "The answer to this question is:\n\n[#1]", "1. The sub-questions are:",
+    "Jaws is a film by Spielberg.", "[[ ## plan ## ]]\n\n[[ ## completed ## ]]", "1.\n2.", "{}", "[]", "?!?",
+])
 def test_garbage_falls_back_to_the_question_as_one_step_and_says_so(text):
     parsed = parse_plan(text, QUESTION)
     assert parsed.fallback

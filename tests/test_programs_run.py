@@ -8,6 +8,7 @@ counted usage, and no exception for bad input or a broken retriever.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from typer.testing import CliRunner
@@ -85,11 +86,18 @@ def check_contract(prediction, program: str) -> Trajectory:
     return trajectory
 
 
+def run_concurrently(programs: dict, question: str) -> dict:
+    """Run programs side by side, as ``evaluate --threads`` does, so the LM engine batches their calls."""
+    with ThreadPoolExecutor(max_workers=len(programs)) as pool:
+        futures = {name: pool.submit(program, question=question) for name, program in programs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 @pytest.fixture(scope="module")
 def runs(lm, retriever, questions):
     """Each program run once on the first dev question (shared by the tests below to keep LM time short)."""
-    return {name: build_program(name, retriever=retriever, **SMALL[name])(question=questions[0].question)
-            for name in SMALL}
+    programs = {name: build_program(name, retriever=retriever, **options) for name, options in SMALL.items()}
+    return run_concurrently(programs, questions[0].question)
 
 
 @pytest.mark.parametrize("name", ["rag", "opera", "apex", "qagent"])
@@ -137,11 +145,16 @@ def test_an_overlong_question_is_truncated_and_answered(lm, retriever):
 FRUGAL = {"max_steps": 2, "max_rewrites": 0, "write_queries": False}
 
 
-@pytest.mark.parametrize(("name", "options"), [("opera", FRUGAL), ("apex", {**FRUGAL, "max_reflections": 1}),
-                                               ("qagent", {"max_rounds": 1})])
-def test_a_retriever_that_finds_nothing_still_gives_an_answer_and_a_record(name, options, lm, questions):
-    program = build_program(name, retriever=SilentRetriever(), **options)
-    trajectory = check_contract(program(question=questions[1].question), name)
+@pytest.fixture(scope="module")
+def silent_runs(lm, questions):
+    options = {"opera": FRUGAL, "apex": {**FRUGAL, "max_reflections": 1}, "qagent": {"max_rounds": 1}}
+    programs = {name: build_program(name, retriever=SilentRetriever(), **opts) for name, opts in options.items()}
+    return run_concurrently(programs, questions[1].question)
+
+
+@pytest.mark.parametrize("name", ["opera", "apex", "qagent"])
+def test_a_retriever_that_finds_nothing_still_gives_an_answer_and_a_record(name, silent_runs):
+    trajectory = check_contract(silent_runs[name], name)
     assert trajectory.retrieved == [] and trajectory.queries
     assert trajectory.errors == []
     if name != "qagent":

@@ -26,7 +26,8 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question to answer.")],
     program: Annotated[str, typer.Option(help="Program name: vanilla, rag, apex, opera, qagent.")] = "apex",
     index: Annotated[Optional[Path], typer.Option(help="Index directory (programs that search).")] = None,
-    lm: Annotated[str, typer.Option(help="LM name (smollm2-135m, a local folder, or provider/model).")] = "smollm2-135m",
+    lm: Annotated[str, typer.Option(help="LM name (smollm2-135m, a local folder, or provider/model).")] = (
+        "smollm2-135m"),
     option: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Program option KEY=VALUE (e.g. --set max_steps=2); repeatable.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print answer and trajectory as JSON.")] = False,

@@ -44,15 +44,13 @@ def evaluate(
     records = read_questions(questions, limit=limit)
     if not records:
         raise ApexError(f"{questions}: no questions")
-    configure_dspy(lm=lm, cache=cache)
     retriever = None
     if index is not None:
         from apexdsp.indexes import load_retriever
 
         retriever = load_retriever(index)
-    elif program not in RETRIEVAL_FREE:
-        raise ApexError(f"program {program!r} searches an index: pass --index DIR")
-    qa = build_program(program, retriever=retriever)
+    qa = build_program(program, retriever=retriever)  # checks the name and that searching programs have an index
+    configure_dspy(lm=lm, cache=cache)
     report = evaluate_program(qa, records, threads=threads, retrieves=program not in RETRIEVAL_FREE,
                               progress=not as_json)
 

@@ -32,15 +32,18 @@ def train_encoder_cmd(
     out: Annotated[Path, typer.Option(help="Folder to write the ColBERT checkpoint to.")],
     mining_corpus: Annotated[Optional[list[Path]], typer.Option(
         help="Corpus to mine BM25 negatives from, one per --train in order (default: corpus.jsonl beside it).")] = None,
-    steps: Annotated[int, typer.Option(min=1)] = 300,
+    steps: Annotated[int, typer.Option(min=1)] = 1000,
     batch_size: Annotated[int, typer.Option(min=2)] = 16,
-    train_layers: Annotated[int, typer.Option(min=0, max=6, help="Top transformer layers trained.")] = 1,
-    distractors: Annotated[int, typer.Option(min=0, help="Distractor paragraphs kept per question.")] = 4,
+    train_layers: Annotated[int, typer.Option(min=0, max=6, help="Top layers trained (0: projection only).")] = 0,
+    distractors: Annotated[int, typer.Option(min=0, help="Distractor paragraphs kept per question.")] = 3,
     mined: Annotated[int, typer.Option(min=0, help="BM25-mined negatives per question.")] = 2,
+    lr_projection: Annotated[float, typer.Option(min=0)] = 1e-3,
+    lr_encoder: Annotated[float, typer.Option(min=0)] = 3e-5,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N questions of each file.")] = None,
     seed: int = 0,
     threads: Annotated[int, typer.Option(min=1)] = 2,
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
+    reuse_cache: Annotated[bool, typer.Option(help="Keep/reuse the frozen-layer outputs in .apexdsp/cache.")] = True,
 ) -> None:
     """Train a ColBERT encoder from all-MiniLM-L6-v2 (colbert-ai checkpoint format)."""
     from apexdsp.indexes.encoder_job import train_encoder
@@ -51,8 +54,11 @@ def train_encoder_cmd(
     corpora = {str(t): c for t, c in zip(train, mining_corpus)} if mining_corpus else None
     config = EncoderTrainingConfig(steps=steps, batch_size=batch_size, train_layers=train_layers,
                                    distractors_per_question=distractors, mined_per_question=mined,
-                                   limit_per_file=limit, seed=seed)
-    result = train_encoder([str(t) for t in train], out, config, corpora=corpora, track=track, threads=threads)
+                                   limit_per_file=limit, seed=seed, lr_projection=lr_projection, lr_encoder=lr_encoder)
+    from apexdsp.paths import cache_dir
+
+    result = train_encoder([str(t) for t in train], out, config, corpora=corpora, track=track, threads=threads,
+                           cache_dir=cache_dir("cache") if reuse_cache else None)
     record = result.record
     console.print(f"encoder: {result.path} (fingerprint {result.fingerprint})")
     console.print(f"held-out ranking before {record['heldout_before']} after {record['heldout_after']}")

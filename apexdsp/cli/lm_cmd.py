@@ -26,12 +26,16 @@ def list_models() -> None:
     """The local model names that --lm accepts (besides folders and LiteLLM model strings)."""
     import importlib.util
 
+    from rich.table import Table
+
     from apexdsp.lm.gguf_models import GGUF_MODELS, is_converted
 
+    table = Table("name", "model", "state")
     for name, model in GGUF_MODELS.items():
         installed = importlib.util.find_spec(model.package) is not None
         state = "converted" if is_converted(name) else "installed" if installed else f"missing: {model.install}"
-        console.print(f"[bold]{name}[/]  {model.description}  [dim]({state})[/]", highlight=False)
+        table.add_row(name, model.description, state)
+    console.print(table)
 
 
 @app.command()
@@ -50,7 +54,11 @@ def generate(
     from apexdsp.paths import configure_environment
 
     configure_environment()
+    import logging
+
     from dspy.lm15 import Config, Message, Request
+
+    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)  # truncation is shown as finish_reason
 
     from apexdsp.lm.registry import get_lm
 
@@ -79,5 +87,5 @@ def generate(
         if n > 1:
             console.rule(f"completion {index + 1}", style="dim")
         console.print(text, highlight=False, markup=False)
-    console.print(f"[dim]{result['usage']['prompt_tokens']} prompt + {completion_tokens} completion tokens, "
-                  f"{seconds:.1f}s ({result['tokens_per_second']} tokens/s)[/]")
+    console.print(f"[dim]{result['usage']['prompt_tokens']} prompt + {completion_tokens} completion tokens "
+                  f"({', '.join(result['finish_reasons'])}), {seconds:.1f}s including model load[/]")

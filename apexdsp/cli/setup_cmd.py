@@ -15,7 +15,7 @@ console = Console()
 def warm() -> None:
     """Convert the default LM to safetensors and compile colbert-ai's C++ extensions (idempotent)."""
     from apexdsp.indexes.extensions import build_extensions
-    from apexdsp.lm.smollm import ensure_converted
+    from apexdsp.lm.gguf_models import ensure_converted
 
     started = time.perf_counter()
     path = ensure_converted("smollm2-135m")

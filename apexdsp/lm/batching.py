@@ -54,9 +54,14 @@ class BatchStats:
     prompt_tokens: int = 0
     prefix_tokens_reused: int = 0  # prompt tokens whose states came from the shared-prefix cache
     completion_tokens: int = 0
-    busy_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
     step_sizes: Counter = field(default_factory=Counter)
     prefill_sizes: Counter = field(default_factory=Counter)
+
+    @property
+    def busy_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
 
     @property
     def largest_batch(self) -> int:
@@ -70,7 +75,8 @@ class BatchStats:
             "prompt_tokens": self.prompt_tokens,
             "prefix_tokens_reused": self.prefix_tokens_reused,
             "completion_tokens": self.completion_tokens,
-            "busy_seconds": round(self.busy_seconds, 3),
+            "prefill_seconds": round(self.prefill_seconds, 3),
+            "decode_seconds": round(self.decode_seconds, 3),
             "decode_steps": steps,
             "mean_rows_per_step": round(rows / steps, 2) if steps else 0.0,
             "largest_batch": self.largest_batch,
@@ -122,7 +128,7 @@ class BatchScheduler:
         with self._lock:
             s = self._stats
             return BatchStats(s.requests, s.prompt_tokens, s.prefix_tokens_reused, s.completion_tokens,
-                              s.busy_seconds, Counter(s.step_sizes), Counter(s.prefill_sizes))
+                              s.prefill_seconds, s.decode_seconds, Counter(s.step_sizes), Counter(s.prefill_sizes))
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -183,6 +189,7 @@ class BatchScheduler:
             started, reused = time.perf_counter(), batch.prefix_tokens_reused
             try:
                 finished = batch.add(incoming) if incoming else []
+                prefilled = time.perf_counter()
                 steps_before = len(batch)
                 if len(batch):
                     finished += batch.step()
@@ -194,7 +201,8 @@ class BatchScheduler:
                 continue
             with self._lock:
                 stats = self._stats
-                stats.busy_seconds += time.perf_counter() - started
+                stats.prefill_seconds += prefilled - started
+                stats.decode_seconds += time.perf_counter() - prefilled
                 stats.prefix_tokens_reused += batch.prefix_tokens_reused - reused
                 if incoming:
                     stats.prefill_sizes[len(incoming)] += 1

