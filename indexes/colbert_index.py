@@ -19,6 +19,7 @@ fits in one chunk of 25k).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -31,16 +32,24 @@ from apexdsp.indexes.manifest import IndexManifest
 COLBERT_SUBDIR = "colbert"
 
 
-def _encode_once_indexer():
+def _encode_once_indexer(partitions: int | None = None):
     """colbert's ``encode`` entry point with :class:`EncodeOnceIndexer`; defined lazily (imports colbert)."""
     import torch
     import tqdm
     from colbert.indexing.collection_indexer import CollectionIndexer
+    from colbert.infra import Run
 
     class EncodeOnceIndexer(CollectionIndexer):
         """colbert's ``CollectionIndexer`` that reuses the k-means sample's embeddings when it is everything."""
 
         _reuse: tuple[torch.Tensor, list[int], torch.Tensor] | None = None
+
+        def setup(self):
+            super().setup()
+            if partitions is not None and partitions != self.num_partitions:
+                Run().print_main(f"#> Using {partitions:,} partitions instead of colbert's {self.num_partitions:,}.")
+                self.num_partitions = partitions
+                self._save_plan()
 
         def _sample_embeddings(self, sampled_pids):
             if self.nranks != 1 or len(sampled_pids) != len(self.collection):
@@ -76,8 +85,13 @@ def _directory_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def run_colbert_indexer(texts: list[str], encoder: Path, index_path: Path, nbits: int, verbose: int = 1) -> None:
-    """Index ``texts`` (pid = position) with colbert-ai on CPU, in this process, into ``index_path``."""
+def run_colbert_indexer(texts: list[str], encoder: Path, index_path: Path, nbits: int, verbose: int = 1,
+                        partitions: int | None = None) -> None:
+    """Index ``texts`` (pid = position) with colbert-ai on CPU, in this process, into ``index_path``.
+
+    ``partitions`` overrides colbert's number of k-means centroids (``2**floor(log2(16 * sqrt(embeddings)))``,
+    16,384 for HotpotQA's 1.5M token embeddings, whose k-means alone takes ten minutes on two cores).
+    """
     from apexdsp.paths import configure_environment
 
     configure_environment()
@@ -95,19 +109,22 @@ def run_colbert_indexer(texts: list[str], encoder: Path, index_path: Path, nbits
         indexer.configure(collection=texts, index_path=str(index_path), index_name=index_path.name, resume=False,
                           bsize=64, partitions=None)
         index_path.mkdir(parents=True, exist_ok=True)
-        Launcher(_encode_once_indexer()).launch_without_fork(indexer.config, texts, [], [], verbose)
+        Launcher(_encode_once_indexer(partitions)).launch_without_fork(indexer.config, texts, [], [], verbose)
     import shutil
 
     shutil.rmtree(run_root, ignore_errors=True)
 
 
 def build_index(corpus_path: str | os.PathLike[str], encoder_dir: str | os.PathLike[str],
-                out: str | os.PathLike[str], nbits: int = 2, threads: int = 2, verbose: int = 1) -> IndexManifest:
+                out: str | os.PathLike[str], nbits: int = 2, threads: int = 2, verbose: int = 1,
+                partitions: int | None = None) -> IndexManifest:
     """Validate the corpus, index it with the trained encoder, and swap the finished index into ``out``."""
     from apexdsp.errors import ApexError
 
     if nbits not in (1, 2, 4, 8):
         raise ApexError(f"nbits must be 1, 2, 4 or 8 (bits per residual dimension), got {nbits}")
+    if partitions is not None and (partitions < 2 or partitions & (partitions - 1)):
+        raise ApexError(f"partitions must be a power of two >= 2, got {partitions}")
     corpus = load_corpus(corpus_path)
     encoder = check_encoder_dir(encoder_dir)
     fingerprint = encoder_fingerprint(encoder)
@@ -127,12 +144,14 @@ def build_index(corpus_path: str | os.PathLike[str], encoder_dir: str | os.PathL
     started = time.perf_counter()
     with building(out) as staging:
         write_passage_table(corpus, staging)
-        run_colbert_indexer(corpus.texts(), encoder, staging / COLBERT_SUBDIR, nbits, verbose)
+        run_colbert_indexer(corpus.texts(), encoder, staging / COLBERT_SUBDIR, nbits, verbose, partitions)
         seconds = time.perf_counter() - started
+        metadata = json.loads((staging / COLBERT_SUBDIR / "metadata.json").read_text())
         size = _directory_bytes(staging / COLBERT_SUBDIR)
         manifest = IndexManifest(
             corpus_path=corpus.path, corpus_sha256=corpus.sha256, passages=len(corpus),
             encoder_path=str(encoder), encoder_fingerprint=fingerprint, nbits=nbits, dim=shape.dim,
+            partitions=metadata["num_partitions"], embeddings=metadata["num_embeddings"],
             doc_maxlen=shape.doc_maxlen, query_maxlen=shape.query_maxlen, build_seconds=round(seconds, 2),
             passages_per_second=round(len(corpus) / seconds, 2), index_bytes=size,
             bytes_per_passage=round(size / len(corpus), 1), created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -120,10 +120,23 @@ def silence_cpu_amp_warnings() -> None:
 def quiet_colbert(keep_output: bool = False) -> Iterator[None]:
     """Keep stdout for results while colbert loads or builds: it prints its progress there.
 
-    With ``keep_output`` its prints go to stderr (long builds, where they show progress); otherwise they
-    are dropped. Use it around loading and building only: the redirection is process-wide, so it must
-    not wrap searches that run while other threads print.
+    With ``keep_output`` its prints go to stderr (long builds, where they show progress), at the file
+    descriptor level so that faiss's C++ k-means log follows them; otherwise Python-level prints are
+    dropped. Use it around loading and building only: the redirection is process-wide, so it must not
+    wrap searches that run while other threads print.
     """
     silence_cpu_amp_warnings()
-    with contextlib.redirect_stdout(sys.stderr if keep_output else io.StringIO()):
-        yield
+    if not keep_output:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

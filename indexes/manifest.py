@@ -28,6 +28,8 @@ class IndexManifest(BaseModel):
     encoder_path: str
     encoder_fingerprint: str
     nbits: int
+    partitions: int | None = None  # k-means centroids (absent from manifests written before it was recorded)
+    embeddings: int | None = None  # token embeddings stored
     dim: int
     doc_maxlen: int
     query_maxlen: int

@@ -8,6 +8,7 @@ question never costs an evaluation of hundreds its results. Subclasses implement
 from __future__ import annotations
 
 import logging
+import re
 from typing import ClassVar
 
 import dspy
@@ -59,10 +60,24 @@ class QAProgram(dspy.Module):
         raise NotImplementedError
 
 
+# Small models wrap a short answer in a sentence ("The answer to this question is: Paris").
+_PREAMBLE = re.compile(
+    r"^(?:the\s+)?(?:final\s+|short\s+)?answer(?:\s+to\s+(?:this|the)\s+question(?:\s+\"[^\"]*\")?)?\s*(?:is|:)\s*:?\s*",
+    re.IGNORECASE)
+
+
 def clean_answer(text: str | None) -> str:
-    """First line of a model's answer, without wrapping quotes or a trailing full stop."""
-    if not text:
+    """The short answer inside a model's reply.
+
+    Takes the first non-empty line (or the line after one that only announces the answer, such as
+    "The answer to this question is:"), drops that announcing preamble, wrapping quotes and a trailing full
+    stop. It never invents text: the result is always a substring of the reply.
+    """
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
         return ""
-    line = text.strip().splitlines()[0].strip() if text.strip() else ""
+    line = _PREAMBLE.sub("", lines[0], count=1).strip()
+    if not line and len(lines) > 1 and not lines[1].startswith("["):
+        line = _PREAMBLE.sub("", lines[1], count=1).strip()
     line = line.strip("\"'`*").strip()
     return line[:-1] if line.endswith(".") and not line.endswith("..") else line

@@ -13,10 +13,10 @@ from apexdsp.programs.base import QAProgram
 ProgramFactory = Callable[..., QAProgram]
 
 
-def _vanilla(**_: Any) -> QAProgram:
+def _vanilla(retriever: Any = None, **options: Any) -> QAProgram:
     from apexdsp.programs.vanilla import Vanilla
 
-    return Vanilla()
+    return Vanilla(**options)
 
 
 def _rag(retriever: Any = None, **options: Any) -> QAProgram:

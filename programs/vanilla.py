@@ -20,9 +20,10 @@ class Vanilla(QAProgram):
 
     name = "vanilla"
 
-    def __init__(self):
+    def __init__(self, max_tokens: int = 24):
         super().__init__()
-        self.generate_answer = dspy.Predict(AnswerClosedBook)
+        # A short answer needs a few tokens; without a bound a small model can ramble to the LM's limit.
+        self.generate_answer = dspy.Predict(AnswerClosedBook, max_tokens=max_tokens)
 
     def run(self, question: str, trajectory: Trajectory) -> str:
         return self.generate_answer(question=question).answer

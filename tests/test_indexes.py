@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from apexdsp.errors import ApexError, DataError
 from apexdsp.indexes.encoder_training import EncoderTrainingConfig
 
 pytestmark = pytest.mark.slow
+APEXDSP = str(Path(sys.executable).parent / "apexdsp")
 
 TINY = dict(steps=4, batch_size=4, train_layers=0, distractors_per_question=2, mined_per_question=1,
             heldout_questions=4, pca_sample=64, limit_per_file=24)
@@ -62,9 +65,12 @@ def encoder(workdir, data_dir, mlflow_uri):
 
 @pytest.fixture(scope="module")
 def index(workdir, small_corpus, encoder) -> Path:
-    from apexdsp.indexes.colbert_index import build_index
-
-    build_index(small_corpus, encoder.path, workdir / "index", nbits=2, verbose=0)
+    """Built by the real console script: its stdout must hold the manifest JSON and nothing else."""
+    result = subprocess.run([APEXDSP, "index", "build", "--corpus", str(small_corpus), "--encoder", str(encoder.path),
+                             "--out", str(workdir / "index"), "--json"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads(result.stdout)  # colbert's prints and faiss's C++ k-means log went to stderr
+    assert manifest["passages"] > 100 and "Clustering" in result.stderr
     return workdir / "index"
 
 
@@ -241,7 +247,7 @@ def test_interrupted_build_leaves_the_earlier_index_intact(tmp_path, index, enco
     shutil.copytree(index, target)
     before = (target / "apexdsp-index.json").read_text()
 
-    def interrupted(texts, encoder, index_path, nbits, verbose=1):
+    def interrupted(texts, encoder, index_path, nbits, verbose=1, partitions=None):
         index_path.mkdir(parents=True)
         (index_path / "0.codes.pt").write_bytes(b"partial")
         raise KeyboardInterrupt

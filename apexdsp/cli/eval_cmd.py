@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -51,8 +53,10 @@ def evaluate(
         retriever = load_retriever(index)
     qa = build_program(program, retriever=retriever)  # checks the name and that searching programs have an index
     configure_dspy(lm=lm, cache=cache)
-    report = evaluate_program(qa, records, threads=threads, retrieves=program not in RETRIEVAL_FREE,
-                              progress=not as_json)
+    # DSPy's progress bar writes to stdout; send it to stderr so that --json output stays one clean line.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = evaluate_program(qa, records, threads=threads, retrieves=program not in RETRIEVAL_FREE,
+                                  progress=True)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     local = write_json_atomic(report.model_dump(), cache_dir("runs") / f"evaluate-{program}-{stamp}.json")

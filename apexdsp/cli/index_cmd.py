@@ -72,13 +72,15 @@ def build(
     encoder: Annotated[Path, typer.Option(help="Trained encoder folder (from train-encoder).")],
     out: Annotated[Path, typer.Option(help="Index folder (replaced only once the new one is complete).")],
     nbits: Annotated[int, typer.Option(help="Bits per residual dimension: 1, 2, 4 or 8.")] = 2,
+    partitions: Annotated[Optional[int], typer.Option(
+        help="k-means centroids (a power of two; default: colbert's 2^floor(log2(16*sqrt(embeddings)))).")] = None,
     threads: Annotated[int, typer.Option(min=1)] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Build a colbert-ai (PLAID) index over a corpus, on CPU."""
     from apexdsp.indexes.colbert_index import build_index
 
-    manifest = build_index(corpus, encoder, out, nbits=nbits, threads=threads)
+    manifest = build_index(corpus, encoder, out, nbits=nbits, threads=threads, partitions=partitions)
     if as_json:
         print(json.dumps(manifest.model_dump()))
         return

@@ -23,9 +23,9 @@ from dspy.adapters.chat_adapter import ChatAdapter, field_header_pattern
 from dspy.adapters.utils import parse_value
 from dspy.utils.exceptions import AdapterParseError
 
-_ANY_HEADER = re.compile(r"\[\[\s*##\s*\w+\s*##\s*\]\]")
+_ANY_HEADER = re.compile(r"\[{1,2}\s*#{1,3}\s*\w+\s*#{1,3}\s*\]{1,2}")
 # Small models write the header with the spacing off (``[[## answer ## ]]``, ``[[ ##answer##]]``).
-_LOOSE_HEADER = re.compile(r"\[\[\s*#{1,3}\s*(\w+)\s*#{1,3}\s*\]\]")
+_LOOSE_HEADER = re.compile(r"\[{1,2}\s*#{1,3}\s*(\w+)\s*#{1,3}\s*\]{1,2}")
 
 
 @dataclass
