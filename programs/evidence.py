@@ -123,9 +123,16 @@ def is_non_answer(text: str | None) -> bool:
     return (text or "").strip().strip(".!").lower() in _NON_ANSWERS
 
 
+_LEAD_IN = re.compile(
+    r"^(?:the\s+)?(?:final\s+|short\s+)?answer\b(?:\s+to\s+(?:this|the)\s+question)?\s*(?:is\b)?\s*:?\s*",
+    re.IGNORECASE)
+
+
 def strip_echo(answer: str) -> str:
-    """Drop a passage marker the LM copied from its prompt (``[2] Title: ...`` -> ``Title: ...``)."""
-    return re.sub(r"^\[\d+\]\s*", "", answer).strip()
+    """Drop what a small model writes around an answer: a passage marker copied from the prompt
+    (``[2] Title: ...``) and a lead-in (``The answer to the question is: ...``), which may leave nothing."""
+    answer = re.sub(r"^\[\d+\]\s*", "", answer).strip()
+    return _LEAD_IN.sub("", answer, count=1).strip()
 
 
 def parse_yes_no(text: str | None) -> bool | None:

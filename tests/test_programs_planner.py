@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from apexdsp.indexes.base import SearchHit
-from apexdsp.programs.evidence import clean_query, fuse, is_non_answer, parse_yes_no
+from apexdsp.programs.evidence import clean_query, fuse, is_non_answer, parse_yes_no, strip_echo
 from apexdsp.programs.executor import fill_placeholders, findings_text
 from apexdsp.programs.planner import Plan, SubGoal, parse_plan
 from apexdsp.programs.qagent import parse_queries
@@ -200,6 +200,9 @@ def test_small_text_helpers():
     assert clean_query("Paris travel guide", "Who directed Jaws?") == "Who directed Jaws?"  # off topic
     assert parse_yes_no("Yes, it does") is True and parse_yes_no("no.") is False and parse_yes_no("") is None
     assert is_non_answer("Unknown.") and is_non_answer("") and not is_non_answer("Paris")
+    assert strip_echo("[2] Jaws: a film") == "Jaws: a film"
+    assert strip_echo("The answer to the question is:") == "" and strip_echo("Answer: Paris") == "Paris"
+    assert strip_echo("Answering machines") == "Answering machines"
 
 
 def test_trajectory_with_plans_and_sub_goals_is_json_serialisable():

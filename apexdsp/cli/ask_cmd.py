@@ -33,10 +33,12 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print answer and trajectory as JSON.")] = False,
 ) -> None:
     """Answer one question and print the trajectory: plan, sub-goals, searches, reflections, answer."""
-    from apexdsp.programs.registry import RETRIEVAL_FREE, build_program
+    from apexdsp.programs.registry import PROGRAMS, RETRIEVAL_FREE, build_program
     from apexdsp.runtime import configure_dspy
 
     options = parse_options(option or [])
+    if program not in PROGRAMS:
+        raise ApexError(f"unknown program {program!r}; known: {', '.join(sorted(PROGRAMS))}")
     if program not in RETRIEVAL_FREE and index is None:
         raise ApexError(f"program {program!r} searches an index: pass --index DIR")
     configure_dspy(lm=lm, cache=False)
