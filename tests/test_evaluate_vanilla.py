@@ -35,3 +35,16 @@ def test_vanilla_evaluate_prints_figures_and_logs_the_run(data_dir, isolated_mlf
     rows = json.loads(Path(summary["results_file"]).read_text())["results"]
     assert len(rows) == 4 and all(isinstance(r["prediction"], str) for r in rows)
     assert any(r["prediction"] for r in rows), "the model answered nothing at all"
+
+
+def test_trace_flag_records_mlflow_traces_of_each_question(data_dir, isolated_mlflow):
+    result = subprocess.run(
+        [APEXDSP, "evaluate", "--program", "vanilla", "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"),
+         "--limit", "2", "--threads", "2", "--trace", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    experiment = mlflow.get_experiment_by_name("apexdsp-evaluate")
+    traces = mlflow.search_traces(locations=[experiment.experiment_id], return_type="list")
+    assert len(traces) == 2
+    assert "question" in traces[0].info.request_preview

@@ -29,13 +29,14 @@ err_console = Console(stderr=True)
 
 def _mount() -> None:
     """Import the command groups (kept lazy in their own modules so ``--help`` stays fast)."""
-    from apexdsp.cli import data_cmd, eval_cmd, index_cmd, lm_cmd, setup_cmd, store_cmd
+    from apexdsp.cli import ask_cmd, data_cmd, eval_cmd, index_cmd, lm_cmd, setup_cmd, store_cmd
 
     app.add_typer(lm_cmd.app, name="lm")
     app.add_typer(data_cmd.app, name="data")
     app.add_typer(index_cmd.app, name="index")
     app.add_typer(setup_cmd.app, name="setup")
     eval_cmd.register(app)
+    ask_cmd.register(app)
     store_cmd.register(app)
 
 

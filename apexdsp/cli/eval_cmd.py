@@ -33,6 +33,7 @@ def evaluate(
     threads: Annotated[int, typer.Option(min=1, help="Concurrent questions (the LM batches them).")] = 8,
     cache: Annotated[bool, typer.Option(help="Use DSPy's LM cache (off: timings are real).")] = False,
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
+    trace: Annotated[bool, typer.Option(help="Also record MLflow traces of every module and LM call.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Evaluate a program on a question file."""
@@ -53,6 +54,11 @@ def evaluate(
         retriever = load_retriever(index)
     qa = build_program(program, retriever=retriever)  # checks the name and that searching programs have an index
     configure_dspy(lm=lm, cache=cache)
+    if trace:
+        from apexdsp.tracking import enable_dspy_tracing
+        from apexdsp.tracking.evaluation_log import EVALUATION_EXPERIMENT
+
+        enable_dspy_tracing(EVALUATION_EXPERIMENT)
     # DSPy's progress bar writes to stdout; send it to stderr so that --json output stays one clean line.
     with contextlib.redirect_stdout(sys.stderr):
         report = evaluate_program(qa, records, threads=threads, retrieves=program not in RETRIEVAL_FREE,

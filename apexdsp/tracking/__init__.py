@@ -5,11 +5,13 @@ from apexdsp.tracking.run import TrackedRun, tracked_run, write_json_atomic
 from apexdsp.tracking.store import configure_tracking, default_tracking_uri, ensure_experiment
 
 
-def enable_dspy_tracing() -> None:
-    """Trace every DSPy module and LM call into the active MLflow run (``mlflow.dspy.autolog``)."""
+def enable_dspy_tracing(experiment: str | None = None) -> None:
+    """Trace every DSPy module and LM call to MLflow (``mlflow.dspy.autolog``), in ``experiment`` if given."""
     import mlflow
 
     configure_tracking()
+    if experiment:
+        mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
     mlflow.dspy.autolog()
 
 
