@@ -55,10 +55,12 @@ def train_encoder(
     progress: bool = True,
     threads: int = 2,
     cache_dir: str | os.PathLike[str] | None = None,
+    mining_index: str | os.PathLike[str] | None = None,
 ) -> TrainedEncoder:
     """Train an encoder on ``train_files`` and save it at ``out`` (replacing any earlier one only when done).
 
     ``cache_dir`` keeps the frozen layers' outputs on disk for the next run on the same data.
+    ``mining_index`` (with ``config.index_mined_per_question``) adds negatives mined with an earlier index.
     """
     from apexdsp.paths import configure_environment
 
@@ -74,7 +76,7 @@ def train_encoder(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     examples = build_examples(train_files, corpora, config.distractors_per_question, config.mined_per_question,
-                              config.limit_per_file)
+                              config.limit_per_file, mining_index, config.index_mined_per_question)
     timings["examples_s"] = time.perf_counter() - started
 
     corpora = corpora or {}
@@ -84,6 +86,8 @@ def train_encoder(
         corpus = corpora.get(os.fspath(name), default_corpus_for(name))
         if corpus is not None and config.mined_per_question > 0:
             data[f"mining_corpus_{i}"] = os.fspath(corpus)
+    if mining_index is not None and config.index_mined_per_question > 0:
+        data["mining_index_manifest"] = os.fspath(Path(mining_index) / "apexdsp-index.json")
 
     context = _tracking(track, out, config, data)
     with context as run:

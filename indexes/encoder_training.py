@@ -37,9 +37,10 @@ class EncoderTrainingConfig:
 
     steps: int = 1000
     batch_size: int = 16  # questions per step; every other question's passages are in-batch negatives
-    negatives_per_query: int = 2  # hard negatives per question per step (a distractor and a mined one)
+    negatives_per_query: int = 2  # hard negatives per question per step, taken from each pool in turn
     distractors_per_question: int = 3
-    mined_per_question: int = 2
+    mined_per_question: int = 2  # BM25-mined
+    index_mined_per_question: int = 0  # mined with an earlier ColBERT index (``mining_index``)
     train_layers: int = 0  # top transformer layers trained with the projection; the rest frozen and cached
     lr_projection: float = 1e-3
     lr_encoder: float = 3e-5
@@ -189,11 +190,10 @@ class EncoderTrainer:
         for example in chosen:
             labels.append(len(docs))
             docs.append(self._passage_index[rng.choice(example.positives).encoded_text])
-            pools = [example.distractors, example.mined]
+            pools = [pool for pool in example.pools.values() if pool]
             picked: list[int] = []
-            for n in range(self.config.negatives_per_query):
-                pool = pools[n % 2] or pools[(n + 1) % 2]
-                candidates = [self._passage_index[p.encoded_text] for p in pool]
+            for n in range(self.config.negatives_per_query if pools else 0):
+                candidates = [self._passage_index[p.encoded_text] for p in pools[n % len(pools)]]
                 candidates = [c for c in candidates if c not in picked]
                 if candidates:
                     picked.append(rng.choice(candidates))

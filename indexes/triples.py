@@ -1,11 +1,13 @@
 """Training examples for the ColBERT encoder: a question, its gold paragraphs, and hard negatives.
 
-Hard negatives come from two places, because each teaches something different:
+Hard negatives come from up to three pools, because each teaches something different:
 
-* the question's own distractor paragraphs (the benchmark picked them to look relevant: same entities,
-  same topic), and
-* paragraphs that BM25 ranks high for the question in the corpus but that are not gold (what a lexical
-  first stage confuses, and what the encoder must learn to push down).
+* ``distractors``: the question's own distractor paragraphs (the benchmark picked them to look
+  relevant: same entities, same topic);
+* ``bm25``: paragraphs that BM25 ranks high for the question in the corpus but that are not gold (what a
+  lexical first stage confuses);
+* ``colbert``: paragraphs that an earlier ColBERT index ranks high but that are not gold (what the
+  encoder itself confuses in the open corpus: ColBERTv2's second training round, without distillation).
 
 Gold is decided by title (normalised), so a mined paragraph of a gold page is never used as a negative.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from apexdsp.data.loaders import read_questions
 from apexdsp.data.records import Question
 from apexdsp.errors import DataError
-from apexdsp.indexes.corpus import Corpus, load_corpus, passage_text
+from apexdsp.indexes.corpus import load_corpus, passage_text
 from apexdsp.metrics.retrieval import normalize_title
 
 
@@ -37,17 +39,16 @@ class TrainPassage:
 
 @dataclass
 class TrainingExample:
-    """One question with its positives (gold paragraphs) and hard negatives (distractors, then mined)."""
+    """One question with its positives (gold paragraphs) and hard negatives, by pool."""
 
     question: str
     gold_titles: frozenset[str]  # normalised
     positives: list[TrainPassage]
-    distractors: list[TrainPassage] = field(default_factory=list)
-    mined: list[TrainPassage] = field(default_factory=list)
+    pools: dict[str, list[TrainPassage]] = field(default_factory=dict)
 
     @property
     def negatives(self) -> list[TrainPassage]:
-        return [*self.distractors, *self.mined]
+        return [passage for pool in self.pools.values() for passage in pool]
 
 
 def default_corpus_for(train_file: str | os.PathLike[str]) -> Path | None:
@@ -71,28 +72,27 @@ def example_from_question(question: Question, distractors_per_question: int) -> 
             distractors.append(item)
     if not positives:
         return None
-    return TrainingExample(question.question.strip(), gold or frozenset(normalize_title(p.title) for p in positives),
-                           positives, distractors[:distractors_per_question])
+    gold_titles = gold or frozenset(normalize_title(p.title) for p in positives)
+    return TrainingExample(question.question.strip(), gold_titles, positives,
+                           {"distractors": distractors[:distractors_per_question]})
 
 
-def mine_negatives(examples: list[TrainingExample], corpus: Corpus, per_question: int, depth: int = 30) -> None:
-    """Add up to ``per_question`` BM25-ranked non-gold corpus paragraphs to each example (in place)."""
+def mine_negatives(examples: list[TrainingExample], retriever, per_question: int, pool: str, depth: int = 30) -> None:
+    """Add up to ``per_question`` top-ranked non-gold paragraphs from ``retriever`` to pool ``pool`` (in place)."""
     if per_question <= 0 or not examples:
         return
-    from apexdsp.indexes.baselines import BM25Retriever
-
-    bm25 = BM25Retriever(corpus)
-    ranked = bm25.search_batch([example.question for example in examples], k=min(depth, len(corpus)))
+    ranked = retriever.search_batch([example.question for example in examples], k=depth)
     for example, hits in zip(examples, ranked):
-        seen = {p.encoded_text for p in [*example.positives, *example.distractors]}
+        seen = {p.encoded_text for p in [*example.positives, *example.negatives]}
+        mined = example.pools.setdefault(pool, [])
         for hit in hits:
-            if len(example.mined) >= per_question:
+            if len(mined) >= per_question:
                 break
             candidate = TrainPassage(hit.title, hit.text)
             if normalize_title(hit.title) in example.gold_titles or candidate.encoded_text in seen:
                 continue
             seen.add(candidate.encoded_text)
-            example.mined.append(candidate)
+            mined.append(candidate)
 
 
 def build_examples(
@@ -101,12 +101,22 @@ def build_examples(
     distractors_per_question: int = 4,
     mined_per_question: int = 2,
     limit_per_file: int | None = None,
+    mining_index: str | os.PathLike[str] | None = None,
+    index_mined_per_question: int = 0,
 ) -> list[TrainingExample]:
     """Examples from every training file, in file order; mined negatives come from each file's corpus.
 
     ``corpora`` maps a training file to its corpus (default: ``corpus.jsonl`` beside it; ``None``: no
-    mining for that file).
+    mining for that file). ``mining_index`` is a ColBERT index whose top hits become the ``colbert``
+    pool, for the files whose corpus is the one that index was built from.
     """
+    from apexdsp.indexes.baselines import BM25Retriever
+
+    index_retriever = None
+    if mining_index is not None and index_mined_per_question > 0:
+        from apexdsp.indexes.colbert_retriever import ColBERTRetriever
+
+        index_retriever = ColBERTRetriever(mining_index)
     corpora = corpora or {}
     examples: list[TrainingExample] = []
     for train_file in train_files:
@@ -118,6 +128,9 @@ def build_examples(
             raise DataError(f"{os.fspath(train_file)}: no question has a supporting paragraph to train on")
         corpus_path = corpora.get(os.fspath(train_file), default_corpus_for(train_file))
         if corpus_path is not None and mined_per_question > 0:
-            mine_negatives(file_examples, load_corpus(corpus_path), mined_per_question)
+            corpus = load_corpus(corpus_path)
+            mine_negatives(file_examples, BM25Retriever(corpus), mined_per_question, "bm25")
+            if index_retriever is not None and index_retriever.manifest.corpus_sha256 == corpus.sha256:
+                mine_negatives(file_examples, index_retriever, index_mined_per_question, "colbert")
         examples.extend(file_examples)
     return examples

@@ -18,6 +18,7 @@ from apexdsp.programs.base import clean_answer
 from apexdsp.programs.evidence import (clean_query, format_passages, is_non_answer, parse_yes_no, search,
                                       strip_echo)
 from apexdsp.programs.planner import PLACEHOLDER, SubGoal
+from apexdsp.programs.shared import Shared
 from apexdsp.programs.trajectory import SubGoalRecord, Trajectory
 
 
@@ -79,7 +80,7 @@ class Executor(dspy.Module):
     def __init__(self, retriever: Retriever, *, k: int = 5, max_rewrites: int = 1, write_queries: bool = True,
                  passage_chars: int = 300, query_tokens: int = 32, answer_tokens: int = 64):
         super().__init__()
-        self.retriever = retriever
+        self._retriever = Shared(retriever)  # copies of the program search the same index
         self.k = k
         self.max_rewrites = max_rewrites
         self.write_queries = write_queries
@@ -87,6 +88,10 @@ class Executor(dspy.Module):
         self.write_query = dspy.Predict(WriteQuery, max_tokens=query_tokens)
         self.analyze = dspy.Predict(AnalyzeAnswer, max_tokens=answer_tokens)
         self.rewrite = dspy.Predict(RewriteQuery, max_tokens=query_tokens)
+
+    @property
+    def retriever(self) -> Retriever:
+        return self._retriever.value
 
     def forward(self, steps: Iterable[SubGoal], trajectory: Trajectory, round: int = 0) -> dspy.Prediction:
         """Run ``steps`` in the given (dependency) order; ``records`` are also added to the trajectory."""

@@ -22,6 +22,7 @@ from apexdsp.programs.config import QAgentConfig
 from apexdsp.programs.evidence import clean_query, evidence_pool, format_passages, search_many
 from apexdsp.programs.planner import PLACEHOLDER, Planner, split_items
 from apexdsp.programs.reflector import Reflector
+from apexdsp.programs.shared import Shared
 from apexdsp.programs.trajectory import PlanRecord, PlanStepRecord, Trajectory
 
 
@@ -63,21 +64,25 @@ class QAgent(QAProgram):
         frozen_lm = frozen if frozen is not None and not isinstance(frozen, str) else None
         self.config = config or QAgentConfig(frozen_generator=frozen if isinstance(frozen, str) else None,
                                              **options)
-        self.retriever = retriever
+        self._retriever = Shared(retriever)  # copies of the program search the same index
         self.planner = Planner(max_steps=self.config.max_steps, max_tokens=self.config.plan_tokens)
         self.write_queries = dspy.Predict(WriteQueries, max_tokens=self.config.queries_tokens)
         self.reflector = Reflector(max_follow_ups=self.config.max_follow_ups,
                                    max_tokens=self.config.reflect_tokens)
         self.reader = PassageReader(self.config.passage_chars, self.config.answer_tokens)
-        self.frozen_lm = frozen_lm
         if frozen_lm is None and self.config.frozen_generator:
             from apexdsp.lm.registry import get_lm
 
-            self.frozen_lm = get_lm(self.config.frozen_generator)
+            frozen_lm = get_lm(self.config.frozen_generator)
+        self._frozen_lm = Shared(frozen_lm)
         self.frozen_reader = None
-        if self.frozen_lm is not None:
+        if frozen_lm is not None:
             self.frozen_reader = PassageReader(self.config.passage_chars, self.config.answer_tokens)
             self.frozen_reader._compiled = True  # frozen: optimizers skip compiled sub-modules
+
+    @property
+    def retriever(self) -> Retriever:
+        return self._retriever.value
 
     def run(self, question: str, trajectory: Trajectory) -> str:
         steps: list[str] = []
@@ -107,6 +112,10 @@ class QAgent(QAProgram):
                 break
             steps = reflection.follow_ups
         return self.answer(question, trajectory)
+
+    @property
+    def frozen_lm(self) -> dspy.BaseLM | None:
+        return self._frozen_lm.value
 
     def answer(self, question: str, trajectory: Trajectory) -> str:
         """The agent's own reader, or the frozen generator on the documents the agent collected."""

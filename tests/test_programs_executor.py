@@ -126,3 +126,16 @@ def test_a_misspelt_program_option_is_a_user_error():
         build_program("apex", retriever=Silent(), max_stepz=2)
     with pytest.raises(ApexError, match="k"):
         build_program("rag", retriever=Silent(), k=0)
+
+
+def test_copies_of_a_program_share_the_index_but_not_the_learnable_state(bm25):
+    """Optimizers copy programs per candidate: demos must be copied, the index must not."""
+    from apexdsp.programs.registry import build_program
+
+    program = build_program("apex", retriever=bm25)
+    program.planner.write_plan.demos = [dspy.Example(question="q", plan="1. a b?")]
+    for copy in (program.deepcopy(), program.reset_copy()):
+        assert copy.executor.retriever is bm25
+        assert copy.planner.write_plan is not program.planner.write_plan
+    assert program.deepcopy().planner.write_plan.demos == program.planner.write_plan.demos
+    assert program.reset_copy().planner.write_plan.demos == []

@@ -171,6 +171,7 @@ def test_a_failing_retriever_is_recorded_not_raised(lm, questions):
 def test_qagent_plug_and_play_answers_with_the_frozen_generator(lm, retriever, questions):
     program = build_program("qagent", retriever=retriever, frozen_generator=lm, max_rounds=1, max_queries=2)
     assert not any(name.startswith("frozen") for name, _ in program.named_predictors()), "frozen must stay out"
+    assert program.deepcopy().frozen_lm is lm and program.deepcopy().retriever is retriever
     prediction = program(question=questions[0].question)
     trajectory = check_contract(prediction, "qagent")
     assert trajectory.frozen_answer == prediction.answer

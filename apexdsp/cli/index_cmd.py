@@ -37,6 +37,10 @@ def train_encoder_cmd(
     train_layers: Annotated[int, typer.Option(min=0, max=6, help="Top layers trained (0: projection only).")] = 0,
     distractors: Annotated[int, typer.Option(min=0, help="Distractor paragraphs kept per question.")] = 3,
     mined: Annotated[int, typer.Option(min=0, help="BM25-mined negatives per question.")] = 2,
+    mining_index: Annotated[Optional[Path], typer.Option(
+        help="An earlier ColBERT index over the training corpus: its top non-gold hits become negatives.")] = None,
+    index_mined: Annotated[int, typer.Option(min=0, help="Negatives per question mined with --mining-index.")] = 0,
+    negatives: Annotated[int, typer.Option(min=0, help="Hard negatives per question per step.")] = 2,
     lr_projection: Annotated[float, typer.Option(min=0)] = 1e-3,
     lr_encoder: Annotated[float, typer.Option(min=0)] = 3e-5,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N questions of each file.")] = None,
@@ -54,11 +58,13 @@ def train_encoder_cmd(
     corpora = {str(t): c for t, c in zip(train, mining_corpus)} if mining_corpus else None
     config = EncoderTrainingConfig(steps=steps, batch_size=batch_size, train_layers=train_layers,
                                    distractors_per_question=distractors, mined_per_question=mined,
+                                   index_mined_per_question=index_mined if mining_index else 0,
+                                   negatives_per_query=negatives,
                                    limit_per_file=limit, seed=seed, lr_projection=lr_projection, lr_encoder=lr_encoder)
     from apexdsp.paths import cache_dir
 
     result = train_encoder([str(t) for t in train], out, config, corpora=corpora, track=track, threads=threads,
-                           cache_dir=cache_dir("cache") if reuse_cache else None)
+                           cache_dir=cache_dir("cache") if reuse_cache else None, mining_index=mining_index)
     record = result.record
     console.print(f"encoder: {result.path} (fingerprint {result.fingerprint})")
     console.print(f"held-out ranking before {record['heldout_before']} after {record['heldout_after']}")
