@@ -76,7 +76,7 @@ class ColBERTRetriever(CorpusRetriever):
                                       verbose=verbose)
         self.query_maxlen = self._searcher.config.query_maxlen
         self._tokenizer = self._searcher.checkpoint.query_tokenizer.tok
-        self._lock = threading.Lock()  # colbert's searcher mutates its config per call
+        self._lock = threading.Lock()  # colbert's searcher mutates its config per call; tokenizers are not thread-safe
 
     def _warn_if_truncated(self, queries: list[str]) -> None:
         # [CLS], [Q] and [SEP] take three of the query_maxlen positions.
@@ -89,14 +89,15 @@ class ColBERTRetriever(CorpusRetriever):
 
     def encode(self, queries: list[str]):
         """Query embeddings ``(n, query_maxlen, dim)`` for validated queries (one forward pass)."""
-        self._warn_if_truncated(queries)
-        return self._searcher.encode(queries)
+        with self._lock:  # a Rust fast tokenizer refuses concurrent use ("Already borrowed")
+            self._warn_if_truncated(queries)
+            return self._searcher.encode(queries)
 
     def _search_pids(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
         import torch
 
-        self._warn_if_truncated(queries)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode():  # one query batch at a time: see encode()
+            self._warn_if_truncated(queries)
             embeddings = self._searcher.encode(queries)
             self._searcher.configure(**search_settings(k))
             results = []

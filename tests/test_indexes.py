@@ -184,6 +184,17 @@ def test_load_retriever_shares_one_instance(index, retriever):
     assert load_retriever(str(index) + "/") is retriever
 
 
+def test_concurrent_searches_from_many_threads(retriever):
+    """Programs evaluate questions in threads that share one retriever; its tokenizer must not be raced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries = [f"which film was directed by the person number {i} in the list" for i in range(24)]
+    expected = {q: [h.pid for h in retriever.search(q, k=3)] for q in queries}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda q: [h.pid for h in retriever.search(q, k=3)], queries * 2))
+    assert got == [expected[q] for q in queries * 2]
+
+
 def test_empty_and_overlong_queries(retriever):
     from apexdsp.indexes.colbert_retriever import QueryTruncatedWarning
 
@@ -201,6 +212,19 @@ def test_empty_and_overlong_queries(retriever):
     with warnings.catch_warnings():
         warnings.simplefilter("error", QueryTruncatedWarning)
         retriever.search("a short question", k=1)
+
+
+def test_negatives_mined_with_an_index_are_never_gold(retriever, workdir):
+    from apexdsp.data.loaders import read_questions
+    from apexdsp.indexes.triples import example_from_question, mine_negatives
+    from apexdsp.metrics.retrieval import normalize_title
+
+    examples = [example_from_question(q, 2) for q in read_questions(workdir / "questions.jsonl")]
+    mine_negatives(examples, retriever, per_question=3, pool="colbert", depth=10)
+    for example in examples:
+        mined = example.pools["colbert"]
+        assert len(mined) == 3 and not {normalize_title(p.title) for p in mined} & example.gold_titles
+        assert not {p.encoded_text for p in mined} & {p.encoded_text for p in example.pools["distractors"]}
 
 
 # -- bad indexes -------------------------------------------------------------------------------------
