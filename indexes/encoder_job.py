@@ -89,18 +89,25 @@ def train_encoder(
     if mining_index is not None and config.index_mined_per_question > 0:
         data["mining_index_manifest"] = os.fspath(Path(mining_index) / "apexdsp-index.json")
 
+    corpus_paths = [os.fspath(c) for name in train_files
+                    if (c := corpora.get(os.fspath(name), default_corpus_for(name))) is not None]
     context = _tracking(track, out, config, data)
     with context as run:
         mark = time.perf_counter()
-        trainer = EncoderTrainer(config, examples)
+        pool = _random_pool(corpus_paths[0], config) if corpus_paths and config.heldout_random_passages else []
+        trainer = EncoderTrainer(config, examples, pool_passages=pool)
         total = trainer.count_texts()
         with tqdm(total=total, desc="encoder: caching frozen layers", unit="text", disable=not progress) as bar:
             trainer.prepare(progress=bar.update, cache_dir=Path(cache_dir) if cache_dir else None)
         timings["cache_s"] = time.perf_counter() - mark
+        if config.distill_weight > 0:
+            mark = time.perf_counter()
+            trainer.teacher = _teacher(trainer, config, corpus_paths)
+            timings["teacher_s"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         trainer.init_projection()
-        before = trainer.evaluate()
+        before = trainer.evaluate(baselines=True)
         timings["pca_s"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -113,6 +120,9 @@ def train_encoder(
 
             losses = trainer.train(on_step)
         timings["train_s"] = time.perf_counter() - mark
+        if run is not None:
+            for point in trainer.history:
+                run.log_metrics({f"selection_{k}": v for k, v in point.items() if k != "step"}, step=point["step"])
         after = trainer.evaluate()
         timings["total_s"] = time.perf_counter() - started
 
@@ -123,6 +133,7 @@ def train_encoder(
             "examples": len(examples), "train_questions": len(trainer.train_examples),
             "heldout_questions": len(trainer.heldout), "cached_texts": total,
             "heldout_before": before, "heldout_after": after,
+            "selection": {"history": trainer.history, "best_step": trainer.best_step},
             "final_loss_mean_last_20": sum(losses[-20:]) / max(1, len(losses[-20:])),
             "timings": timings, "threads": threads,
         }
@@ -156,3 +167,24 @@ def _tracking(track: bool, out, config: EncoderTrainingConfig, data: dict[str, s
 
     return tracked_run(experiment="indexes", run_name=f"train-encoder-{Path(out).name}",
                        params={"job": "train-encoder", "out": os.fspath(out), **config.as_params()}, data_files=data)
+
+
+def _random_pool(corpus_path: str, config: EncoderTrainingConfig) -> list:
+    """Random passages of the first file's corpus: with them the held-out questions search an open pool."""
+    import random
+
+    from apexdsp.indexes.corpus import load_corpus
+    from apexdsp.indexes.triples import TrainPassage
+
+    corpus = load_corpus(corpus_path)
+    picked = random.Random(config.seed).sample(range(len(corpus)), min(config.heldout_random_passages, len(corpus)))
+    return [TrainPassage(corpus[pid].title, corpus[pid].text) for pid in sorted(picked)]
+
+
+def _teacher(trainer: EncoderTrainer, config: EncoderTrainingConfig, corpus_paths: list[str]):
+    """The distillation teacher over the trainer's questions and cached passages (see :mod:`.distillation`)."""
+    from apexdsp.indexes.distillation import Teacher, TeacherConfig, corpus_embeddings
+
+    return Teacher(trainer.question_texts(), trainer.passage_texts(),
+                   TeacherConfig(bm25_weight=config.teacher_bm25_weight, temperature=config.teacher_temperature),
+                   known_embeddings=corpus_embeddings(corpus_paths))

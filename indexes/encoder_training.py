@@ -11,11 +11,16 @@ Why it is fast enough for two CPU cores: the lower transformer layers are frozen
 cached once (:mod:`.frozen_states`), so a step trains only the top ``train_layers`` layers and the
 projection. The projection starts from the principal components of MiniLM's token vectors rather than
 at random, so even a short run starts from a sensible geometry. The loss is cross-entropy over MaxSim
-scores of each query against its positive, its own hard negatives and every other passage in the batch.
+scores of each query against its positive, its own hard negatives and every other passage in the batch,
+optionally plus a KL term towards a dense (+ BM25) teacher over the same candidates
+(:mod:`.distillation`), which keeps the small supervised set from wearing away what MiniLM knew.
+Held-out questions of the first training file (chosen by a hash of their text) rank an open pool, their
+own passages plus random corpus passages, every ``eval_every`` steps, and the best step's weights are kept.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -27,8 +32,10 @@ from pathlib import Path
 import torch
 
 from apexdsp.indexes.encoder import EncoderShape, base_model_path, colbert_config
+from apexdsp.indexes.heldout import maxsim_matrix
 from apexdsp.indexes.frozen_states import CachedText, cache_texts, pad_batch, upper_layers
-from apexdsp.indexes.triples import TrainingExample
+from apexdsp.indexes.distillation import Teacher, distillation_loss
+from apexdsp.indexes.triples import TrainingExample, TrainPassage
 
 
 @dataclass
@@ -45,7 +52,12 @@ class EncoderTrainingConfig:
     lr_projection: float = 1e-3
     lr_encoder: float = 3e-5
     warmup_fraction: float = 0.1
-    heldout_questions: int = 64  # kept out of training to measure ranking before and after
+    heldout_questions: int = 64  # of the first file, kept out of training: ranking before/after, model selection
+    heldout_random_passages: int = 0  # random corpus passages added to the held-out pool (an open search)
+    eval_every: int = 0  # rank the held-out pool every N steps and keep the best weights (0: keep the last)
+    distill_weight: float = 0.0  # weight of KL(teacher || student) beside the cross-entropy on gold
+    teacher_bm25_weight: float = 1.0  # BM25's share in the teacher (0: dense MiniLM alone)
+    teacher_temperature: float = 0.5
     pca_sample: int = 512  # passages whose token vectors initialise the projection
     seed: int = 0
     limit_per_file: int | None = None
@@ -67,7 +79,8 @@ def maxsim(queries: torch.Tensor, docs: torch.Tensor, doc_mask: torch.Tensor) ->
 class EncoderTrainer:
     """Holds the model, the frozen-layer cache and the examples; one job: produce trained weights."""
 
-    def __init__(self, config: EncoderTrainingConfig, examples: list[TrainingExample]):
+    def __init__(self, config: EncoderTrainingConfig, examples: list[TrainingExample],
+                 pool_passages: list[TrainPassage] | None = None):
         from colbert.modeling.colbert import ColBERT
         from colbert.modeling.tokenization import DocTokenizer, QueryTokenizer
         from transformers.utils import logging as hf_logging
@@ -92,12 +105,10 @@ class EncoderTrainer:
         self.doc_tokenizer = DocTokenizer(self.model.colbert_config)
         self.skip_ids = torch.tensor(sorted(t for t in self.model.skiplist if isinstance(t, int)))
 
-        rng = random.Random(config.seed)
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        held = min(config.heldout_questions, len(examples) // 5)
-        self.heldout = [examples[i] for i in order[:held]]
-        self.train_examples = [examples[i] for i in order[held:]]
+        self.heldout, self.train_examples = split_heldout(examples, config.heldout_questions, config.seed)
+        self.pool_passages = list(pool_passages or [])  # extra passages the held-out questions search among
+        self.teacher: Teacher | None = None  # set by the caller when config.distill_weight > 0
+        self.history: list[dict] = []
         self._passage_index: dict[str, int] = {}
         self._passage_titles: list[str] = []
         self._passages: list[CachedText] = []
@@ -116,11 +127,10 @@ class EncoderTrainer:
         texts: list[str] = []
         for example in [*self.train_examples, *self.heldout]:
             for passage in [*example.positives, *example.negatives]:
-                if passage.encoded_text not in self._passage_index:
-                    self._passage_index[passage.encoded_text] = len(texts)
-                    texts.append(passage.encoded_text)
-                    self._passage_titles.append(normalize_title(passage.title))
-        questions = list(dict.fromkeys(e.question for e in [*self.train_examples, *self.heldout]))
+                self._add_passage(passage, texts)
+        for passage in self.pool_passages:
+            self._add_passage(passage, texts)
+        questions = self.question_texts()
         stored = None
         if cache_dir is not None:
             key = hashlib.sha256(json.dumps([texts, questions, asdict(self.config.shape), self.start_layer,
@@ -144,9 +154,25 @@ class EncoderTrainer:
             os.replace(tmp, stored)
         return len(texts) + len(questions)
 
+    def _add_passage(self, passage: TrainPassage, texts: list[str]) -> None:
+        from apexdsp.metrics.retrieval import normalize_title
+
+        if passage.encoded_text not in self._passage_index:
+            self._passage_index[passage.encoded_text] = len(texts)
+            texts.append(passage.encoded_text)
+            self._passage_titles.append(normalize_title(passage.title))
+
+    def question_texts(self) -> list[str]:
+        return list(dict.fromkeys(e.question for e in [*self.train_examples, *self.heldout]))
+
+    def passage_texts(self) -> list[str]:
+        """Cached passages in cache order (after :meth:`prepare`): what teacher scores are indexed by."""
+        return list(self._passage_index)
+
     def count_texts(self) -> int:
         passages = {p.encoded_text for e in [*self.train_examples, *self.heldout] for p in [*e.positives, *e.negatives]}
-        return len(passages) + len({e.question for e in [*self.train_examples, *self.heldout]})
+        passages |= {p.encoded_text for p in self.pool_passages}
+        return len(passages) + len(self.question_texts())
 
     # -- the trainable part ------------------------------------------------------------------------
     def _encode(self, items: list[CachedText], is_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +250,7 @@ class EncoderTrainer:
             groups.append({"params": encoder_params, "lr": config.lr_encoder})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * config.steps), config.steps)
-        rng, order, losses = random.Random(config.seed), [], []
+        rng, order, losses, best = random.Random(config.seed), [], [], {}
         torch.manual_seed(config.seed)
         self.model.train()
         for step in range(1, config.steps + 1):
@@ -233,6 +259,10 @@ class EncoderTrainer:
             passages, keep = self._encode([self._passages[d] for d in docs], is_query=False)
             scores = maxsim(queries, passages, keep).masked_fill(self._exclusions(chosen, docs, labels), -1e4)
             loss = torch.nn.functional.cross_entropy(scores, torch.tensor(labels))
+            if self.teacher is not None and config.distill_weight > 0:
+                excluded = self._exclusions(chosen, docs, labels)
+                targets = self.teacher.logits([e.question for e in chosen], docs, excluded)
+                loss = loss + config.distill_weight * distillation_loss(scores, targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             optimizer.step()
@@ -241,23 +271,37 @@ class EncoderTrainer:
             losses.append(loss.item())
             if on_step is not None:
                 on_step(step, losses[-1])
+            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                self._checkpoint(step, best)
+        if best:
+            self.model.load_state_dict(best["state"])
         self.model.eval()
         return losses
 
-    def evaluate(self) -> dict[str, float]:
+    def _checkpoint(self, step: int, best: dict) -> None:
+        """Rank the held-out pool; remember these weights if they are the best so far (by recall@5, then MRR)."""
+        metrics = self.evaluate()
+        self.history.append({"step": step, **metrics})
+        key = (metrics.get("heldout_recall_at_5", 0.0), metrics.get("heldout_mrr", 0.0))
+        if not best or key > best["key"]:
+            best.update(key=key, step=step, state=copy.deepcopy(self.model.state_dict()))
+
+    def evaluate(self, baselines: bool = False) -> dict[str, float]:
         """Open retrieval among the held-out questions: each ranks the pooled passages of all of them.
 
-        The pool (their gold paragraphs, distractors and mined negatives) is small enough to score
-        exhaustively from the cache, and hard: every distractor was chosen to resemble some question.
-        Reports gold-title recall@2 and @5 and the MRR of the first gold passage.
+        The pool (their gold paragraphs, distractors and mined negatives, plus the random corpus passages
+        given to the trainer) is small enough to score exhaustively from the cache, and hard: every
+        distractor was chosen to resemble some question. Reports gold-title recall@2 and @5 and the MRR
+        of the first gold passage; with ``baselines`` (and a teacher) also the teacher's dense and BM25
+        signals ranking the same pool, so that the encoder is compared with them on equal terms.
         """
         if not self.heldout:
             return {}
-        pool = list(dict.fromkeys(self._passage_index[p.encoded_text]
-                                  for e in self.heldout for p in [*e.positives, *e.negatives]))
+        pool = list(dict.fromkeys([self._passage_index[p.encoded_text]
+                                   for e in self.heldout for p in [*e.positives, *e.negatives]]
+                                  + [self._passage_index[p.encoded_text] for p in self.pool_passages]))
         was_training = self.model.training
         self.model.eval()
-        recall2 = recall5 = mrr = 0.0
         with torch.no_grad():
             docs, keeps = [], []
             for start in range(0, len(pool), 64):
@@ -267,19 +311,48 @@ class EncoderTrainer:
             width = max(d.shape[1] for d in docs)
             docs = torch.cat([torch.nn.functional.pad(d, (0, 0, 0, width - d.shape[1])) for d in docs])
             keeps = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[1])) for k in keeps])
-            for example in self.heldout:
-                query, _ = self._encode([self._queries[example.question]], is_query=True)
-                ranking = maxsim(query, docs, keeps)[0].argsort(descending=True).tolist()
-                titles = [self._passage_titles[pool[i]] for i in ranking]
-                found = [t in example.gold_titles for t in titles]
-                recall2 += len({t for t in titles[:2] if t in example.gold_titles}) / len(example.gold_titles)
-                recall5 += len({t for t in titles[:5] if t in example.gold_titles}) / len(example.gold_titles)
-                mrr += 1.0 / (1 + found.index(True)) if True in found else 0.0
+            queries = torch.cat([self._encode([self._queries[e.question] for e in self.heldout[start:start + 64]],
+                                              is_query=True)[0] for start in range(0, len(self.heldout), 64)])
+            metrics = self._rank_metrics(maxsim_matrix(queries, docs, keeps), pool, "heldout")
         self.model.train(was_training)
+        if baselines and self.teacher is not None:
+            rows = torch.tensor([self.teacher.row[e.question] for e in self.heldout])
+            metrics |= self._rank_metrics(self.teacher.dense[rows][:, pool].float().numpy(), pool, "dense")
+            if self.teacher.bm25 is not None:
+                metrics |= self._rank_metrics(self.teacher.bm25[rows][:, pool].float().numpy(), pool, "bm25")
+        return metrics
+
+    def _rank_metrics(self, scores, pool: list[int], prefix: str) -> dict[str, float]:
+        recall2 = recall5 = mrr = 0.0
+        for example, row in zip(self.heldout, scores):
+            ranking = (-row).argsort(kind="stable")[:50].tolist()
+            titles = [self._passage_titles[pool[i]] for i in ranking]
+            found = [t in example.gold_titles for t in titles]
+            recall2 += len({t for t in titles[:2] if t in example.gold_titles}) / len(example.gold_titles)
+            recall5 += len({t for t in titles[:5] if t in example.gold_titles}) / len(example.gold_titles)
+            mrr += 1.0 / (1 + found.index(True)) if True in found else 0.0
         n = len(self.heldout)
-        return {"heldout_recall_at_2": recall2 / n, "heldout_recall_at_5": recall5 / n, "heldout_mrr": mrr / n}
+        return {f"{prefix}_recall_at_2": recall2 / n, f"{prefix}_recall_at_5": recall5 / n, f"{prefix}_mrr": mrr / n}
+
+    @property
+    def best_step(self) -> int | None:
+        if not self.history:
+            return None
+        return max(self.history, key=lambda h: (h.get("heldout_recall_at_5", 0.0), h.get("heldout_mrr", 0.0)))["step"]
 
     def save(self, folder) -> None:
         """colbert's own checkpoint format: HF weights + linear, tokenizer, ``artifact.metadata``."""
         self.model.eval()
         self.model.save(str(folder))
+
+
+def split_heldout(examples: list[TrainingExample], n: int, seed: int) -> tuple[list[TrainingExample], list]:
+    """``(heldout, train)``: up to ``n`` (at most a quarter) of the first file's examples, by a seeded hash of the
+    question text, so the slice is the same whichever other files are trained on (and matches
+    :func:`apexdsp.indexes.heldout.heldout_split`)."""
+    if not examples:
+        return [], []
+    first = [e for e in examples if e.source == examples[0].source]
+    ranked = sorted(first, key=lambda e: hashlib.sha1(f"{seed}:{e.question}".encode()).hexdigest())
+    held = {id(e) for e in ranked[:min(n, len(first) // 4)]}
+    return [e for e in examples if id(e) in held], [e for e in examples if id(e) not in held]

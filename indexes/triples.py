@@ -45,6 +45,7 @@ class TrainingExample:
     gold_titles: frozenset[str]  # normalised
     positives: list[TrainPassage]
     pools: dict[str, list[TrainPassage]] = field(default_factory=dict)
+    source: str = ""  # the training file it came from
 
     @property
     def negatives(self) -> list[TrainPassage]:
@@ -124,6 +125,8 @@ def build_examples(
         if not questions:
             raise DataError(f"{os.fspath(train_file)}: no training questions")
         file_examples = [e for e in (example_from_question(q, distractors_per_question) for q in questions) if e]
+        for example in file_examples:
+            example.source = os.fspath(train_file)
         if not file_examples:
             raise DataError(f"{os.fspath(train_file)}: no question has a supporting paragraph to train on")
         corpus_path = corpora.get(os.fspath(train_file), default_corpus_for(train_file))

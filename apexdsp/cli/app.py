@@ -29,15 +29,19 @@ err_console = Console(stderr=True)
 
 def _mount() -> None:
     """Import the command groups (kept lazy in their own modules so ``--help`` stays fast)."""
-    from apexdsp.cli import ask_cmd, data_cmd, eval_cmd, index_cmd, lm_cmd, setup_cmd, store_cmd
+    from apexdsp.cli import ask_cmd, compile_cmd, data_cmd, eval_cmd, index_cmd, lm_cmd, setup_cmd, store_cmd
+    from apexdsp.cli import compare_cmd, run_cmd
 
     app.add_typer(lm_cmd.app, name="lm")
     app.add_typer(data_cmd.app, name="data")
     app.add_typer(index_cmd.app, name="index")
     app.add_typer(setup_cmd.app, name="setup")
     eval_cmd.register(app)
+    compile_cmd.register(app)
     ask_cmd.register(app)
     store_cmd.register(app)
+    run_cmd.register(app)
+    compare_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ def evaluate(
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
     trace: Annotated[bool, typer.Option(help="Also record MLflow traces of every module and LM call.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    compiled: Annotated[Optional[Path], typer.Option(
+        help="A compiled program (apexdsp compile --out DIR): its program, and its index unless --index.")] = None,
 ) -> None:
     """Evaluate a program on a question file."""
     from apexdsp.data.loaders import read_questions
@@ -44,6 +46,12 @@ def evaluate(
     from apexdsp.runtime import configure_dspy
     from apexdsp.tracking import write_json_atomic
 
+    if compiled is not None:
+        from apexdsp.optimizers.compiled import read_manifest
+
+        manifest = read_manifest(compiled)
+        program = manifest.program
+        index = index or (Path(manifest.index.path) if manifest.index else None)
     records = read_questions(questions, limit=limit)
     if not records:
         raise ApexError(f"{questions}: no questions")
@@ -52,7 +60,12 @@ def evaluate(
         from apexdsp.indexes import load_retriever
 
         retriever = load_retriever(index)
-    qa = build_program(program, retriever=retriever)  # checks the name and that searching programs have an index
+    if compiled is not None:
+        from apexdsp.optimizers.compiled import load_compiled
+
+        qa = load_compiled(compiled, retriever=retriever).program
+    else:
+        qa = build_program(program, retriever=retriever)  # checks the name and that searching programs have an index
     configure_dspy(lm=lm, cache=cache)
     if trace:
         from apexdsp.tracking import enable_dspy_tracing
@@ -71,7 +84,8 @@ def evaluate(
         from apexdsp.tracking.evaluation_log import log_evaluation
 
         params = {"program": program, "lm": lm, "index": str(index) if index else "", "limit": limit or "",
-                  "threads": threads, "n": report.n, "cache": cache}
+                  "threads": threads, "n": report.n, "cache": cache,
+                  "compiled": str(compiled or "")}
         summary["mlflow_run_id"] = log_evaluation(report, params, {"questions": questions},
                                                   run_name=f"{program}-{Path(questions).stem}-{report.n}")
     if as_json:

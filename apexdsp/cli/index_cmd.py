@@ -44,6 +44,15 @@ def train_encoder_cmd(
     lr_projection: Annotated[float, typer.Option(min=0)] = 1e-3,
     lr_encoder: Annotated[float, typer.Option(min=0)] = 3e-5,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N questions of each file.")] = None,
+    heldout: Annotated[int, typer.Option(min=0, help="Questions of the first file held out for selection.")] = 64,
+    heldout_random: Annotated[int, typer.Option(
+        min=0, help="Random corpus passages added to the held-out pool (an open search).")] = 0,
+    eval_every: Annotated[int, typer.Option(
+        min=0, help="Rank the held-out pool every N steps and keep the best weights (0: keep the last).")] = 0,
+    distill: Annotated[float, typer.Option(min=0, help="Weight of the KL term towards the teacher (0: off).")] = 0.0,
+    teacher_bm25: Annotated[float, typer.Option(min=0, help="BM25's weight in the teacher (0: dense alone).")] = 1.0,
+    teacher_temperature: Annotated[float, typer.Option(min=0.01)] = 0.5,
+    warmup: Annotated[float, typer.Option(min=0, max=1, help="Fraction of steps of linear warm-up.")] = 0.1,
     seed: int = 0,
     threads: Annotated[int, typer.Option(min=1)] = 2,
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
@@ -60,7 +69,10 @@ def train_encoder_cmd(
                                    distractors_per_question=distractors, mined_per_question=mined,
                                    index_mined_per_question=index_mined if mining_index else 0,
                                    negatives_per_query=negatives,
-                                   limit_per_file=limit, seed=seed, lr_projection=lr_projection, lr_encoder=lr_encoder)
+                                   limit_per_file=limit, seed=seed, lr_projection=lr_projection, lr_encoder=lr_encoder,
+                                   heldout_questions=heldout, heldout_random_passages=heldout_random,
+                                   eval_every=eval_every, distill_weight=distill, teacher_bm25_weight=teacher_bm25,
+                                   teacher_temperature=teacher_temperature, warmup_fraction=warmup)
     from apexdsp.paths import cache_dir
 
     result = train_encoder([str(t) for t in train], out, config, corpora=corpora, track=track, threads=threads,
@@ -68,6 +80,8 @@ def train_encoder_cmd(
     record = result.record
     console.print(f"encoder: {result.path} (fingerprint {result.fingerprint})")
     console.print(f"held-out ranking before {record['heldout_before']} after {record['heldout_after']}")
+    if record["selection"]["best_step"] is not None:
+        console.print(f"kept the weights of step {record['selection']['best_step']} (best held-out recall@5)")
     console.print(f"time: {record['timings']['total_s']:.0f}s "
                   f"(cache {record['timings']['cache_s']:.0f}s, train {record['timings']['train_s']:.0f}s)")
 

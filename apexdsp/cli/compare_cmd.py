@@ -1,0 +1,65 @@
+"""``apexdsp compare``: evaluation runs side by side from MLflow, with plots logged as artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from apexdsp.errors import ApexError
+
+console = Console()
+METRICS = ("em", "f1", "hit", "recall", "lm_calls", "tokens", "seconds_per_question")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``compare`` to the root command."""
+    app.command("compare")(compare)
+
+
+def _metrics(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in METRICS]
+    if not names or unknown:
+        raise ApexError(f"--metric takes a comma-separated list of {', '.join(METRICS)}; got {text!r}")
+    return names
+
+
+def compare(
+    run_ids: Annotated[Optional[list[str]], typer.Argument(help="Run ids (a parent run stands for its evaluations).")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment whose evaluation runs to compare.")] = None,
+    metric: Annotated[str, typer.Option(help="Metrics, comma-separated.")] = "em,f1",
+    plots: Annotated[bool, typer.Option(help="Write PNG plots and log them to MLflow.")] = True,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: a temporary folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """Compare runs: program, stage, the params that differ, and metrics."""
+    from apexdsp.experiments.compare import comparison, find_runs, log_plots
+
+    metrics = _metrics(metric)
+    runs = find_runs(experiment, run_ids or [])
+    result = comparison(runs, metrics)
+    if plots:
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links; --json stays clean
+            result["compare_run_id"], files = log_plots(runs, metrics, out)
+        result["plots"] = [str(path) for path in files]
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{len(runs)} runs" + (f" of {experiment}" if experiment else ""))
+    for column in ("program", "stage", *result["differing_params"]):
+        table.add_column(column, overflow="fold", max_width=40)
+    for name in metrics:
+        table.add_column(name, justify="right")
+    for row in result["runs"]:
+        figures = [f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row["metrics"].values()]
+        table.add_row(row["program"], row["stage"], *[str(v or "") for v in row["params"].values()], *figures)
+    console.print(table)
+    if plots:
+        console.print(f"plots: {', '.join(result['plots'])} (logged to MLflow run {result['compare_run_id']})")

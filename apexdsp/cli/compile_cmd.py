@@ -1,0 +1,166 @@
+"""``apexdsp compile``: bootstrap a program's demos on training questions, save it, log one MLflow run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from apexdsp.errors import ApexError
+
+console = Console(stderr=True)
+COMPILE_EXPERIMENT = "apexdsp-compile"
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``compile`` to the root command."""
+    app.command("compile")(compile_program)
+
+
+def compile_program(
+    program: Annotated[str, typer.Option(help="Program name: rag, apex, opera, qagent, vanilla.")] = "apex",
+    optimizer: Annotated[str, typer.Option(help="Optimizer (stage 1: bootstrap).")] = "bootstrap",
+    index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
+    trainset: Annotated[Path, typer.Option(help="Training questions JSONL.")] = Path(
+        "../shared/data/hotpotqa/train.jsonl"),
+    valset: Annotated[Optional[Path], typer.Option(help="Validation questions JSONL (default: the trainset).")] = None,
+    plan_demos: Annotated[Optional[Path], typer.Option(
+        help="Questions with gold decompositions (e.g. MuSiQue train) whose plans may become planner demos.")] = None,
+    out: Annotated[Path, typer.Option(help="Directory to write the compiled program to.")] = Path(
+        ".apexdsp/compiled/program"),
+    lm: Annotated[str, typer.Option(help="LM name for every module (and the teacher).")] = "smollm2-135m",
+    limit_train: Annotated[Optional[int], typer.Option(min=1, help="Use the first N training questions.")] = None,
+    limit_val: Annotated[Optional[int], typer.Option(min=1, help="Use the first N validation questions.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Concurrent questions (the LM batches them).")] = 8,
+    candidates: Annotated[int, typer.Option(min=1, help="Candidate demo sets tried on the valset.")] = 3,
+    max_demos: Annotated[int, typer.Option(min=0, help="Demos per predictor (the planner gets --max-plan-demos).")] = 2,
+    max_plan_demos: Annotated[int, typer.Option(min=0, help="Demos for the planner.")] = 4,
+    metric: Annotated[str, typer.Option(help="Selection metric: em, f1, hit, decomposition.")] = "em",
+    min_answer_f1: Annotated[float, typer.Option(help="Trace gate: answer F1 at least this ...")] = 0.5,
+    accept_hit: Annotated[bool, typer.Option(help="... or the gold answer is in the retrieved documents.")] = True,
+    min_plan_reward: Annotated[float, typer.Option(help="Planner demos: decomposition reward at least.")] = 0.7,
+    min_final_answer_f1: Annotated[float, typer.Option(help="Answer-step demos: answer F1 at least.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the candidate sampling.")] = 0,
+    score_zero_shot: Annotated[bool, typer.Option(help="Also score the program without demos on the valset.")] = True,
+    track: Annotated[bool, typer.Option(help="Log the compile to MLflow.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Compile a program: bootstrap reward-gated demos per module, pick a demo set on the valset, save it."""
+    from apexdsp.data.loaders import read_questions
+    from apexdsp.optimizers.bootstrap import RewardBootstrap
+    from apexdsp.optimizers.compiled import DataRef, examples_digest, index_ref, save_compiled
+    from apexdsp.optimizers.config import BootstrapConfig, DemoGates
+    from apexdsp.programs.registry import build_program
+    from apexdsp.runtime import configure_dspy
+
+    if optimizer != "bootstrap":
+        raise ApexError(f"unknown optimizer {optimizer!r}; known: bootstrap")
+    try:
+        config = BootstrapConfig(
+            gates=DemoGates(min_answer_f1=min_answer_f1, accept_hit=accept_hit, min_plan_reward=min_plan_reward,
+                            min_final_answer_f1=min_final_answer_f1),
+            max_demos=max_demos, max_demos_by_signature={"WritePlan": max_plan_demos}, num_candidates=candidates,
+            metric=metric, seed=seed, threads=threads, score_zero_shot=score_zero_shot)
+    except ValueError as error:
+        raise ApexError(f"bad compile option: {str(error).splitlines()[-1].strip()}") from None
+    train = read_questions(trainset, limit=limit_train)
+    val = read_questions(valset, limit=limit_val) if valset else None
+    if not train:
+        raise ApexError(f"{trainset}: no questions")
+    labeled = read_questions(plan_demos) if plan_demos else []
+    if plan_demos and not any(q.decomposition for q in labeled):
+        raise ApexError(f"{plan_demos}: no question has a gold decomposition (field 'decomposition')")
+    retriever = None
+    if index is not None:
+        from apexdsp.indexes import load_retriever
+
+        retriever = load_retriever(index)
+    student = build_program(program, retriever=retriever)
+    configure_dspy(lm=lm)
+    # Finished phases are kept beside --out until the program is saved: a rerun after an interruption resumes.
+    checkpoint = out.parent / f".{out.name}.checkpoint.json"
+    teleprompter = RewardBootstrap(config, retriever=retriever, labeled_plans=labeled, checkpoint=checkpoint)
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # DSPy's progress bars: keep --json output clean
+        compiled = teleprompter.compile(student, trainset=train, valset=val)
+    seconds = time.perf_counter() - started
+    report = teleprompter.report
+    data = {"trainset": DataRef(path=str(trainset), examples=len(train), sha256=examples_digest(train))}
+    if val:
+        data["valset"] = DataRef(path=str(valset), examples=len(val), sha256=examples_digest(val))
+    if labeled:
+        data["plan_demos"] = DataRef(path=str(plan_demos), examples=len(labeled), sha256=examples_digest(labeled))
+    optimizer_info = {"name": "bootstrap", "config": config.model_dump(), "seconds": seconds,
+                      "report": report.model_dump()}
+    save_compiled(compiled, out, lm=lm, index=index_ref(index), data=data, optimizer=optimizer_info)
+    checkpoint.unlink(missing_ok=True)
+    summary = {"program": program, "out": str(out), "compile_seconds": round(seconds, 1),
+               "chosen": report.best()["label"], "val_" + metric: report.best()["metric"],
+               "zero_shot_" + metric: next((c["metric"] for c in report.candidates if c["index"] == -1), None),
+               "passed": report.passed, "demos": {d.predictor: d.chosen for d in report.demos if d.chosen}}
+    if track:
+        summary["mlflow_run_id"] = _log_compile(report, config, seconds, out, {
+            "program": program, "optimizer": optimizer, "lm": lm, "index": str(index or ""),
+            "limit_train": limit_train or "", "limit_val": limit_val or "", "threads": threads},
+            {"trainset": trainset, **({"valset": valset} if valset else {}),
+             **({"plan_demos": plan_demos} if plan_demos else {})})
+    if as_json:
+        print(json.dumps(summary, default=str))
+        return
+    _print(report, summary)
+
+
+def _log_compile(report, config, seconds, out, params, data_files) -> str:
+    from apexdsp.tracking import tracked_run
+
+    with tracked_run(COMPILE_EXPERIMENT, run_name=f"{params['program']}-{params['optimizer']}", tags={
+            "apexdsp.kind": "compile"}, params={**params, **_flat(config.model_dump())},
+            data_files=data_files) as run:
+        best = report.best()
+        run.log_metrics({"compile_seconds": seconds, "bootstrap_seconds": report.bootstrap_seconds,
+                         "selection_seconds": report.selection_seconds, "traces_passed": sum(report.passed.values()),
+                         "traces_failed": report.failed, "train_em": report.train_em, "train_f1": report.train_f1,
+                         **({"train_plan_reward": report.train_plan_reward} if report.train_plan_reward is not None
+                            else {}),
+                         **{f"best_{k}": best[k] for k in ("metric", "em", "f1", "hit", "decomposition")
+                            if best.get(k) is not None}})
+        run.log_table([{k: v for k, v in c.items() if k != "failure_examples"} for c in report.candidates],
+                      "candidates.json")
+        run.log_table([{"predictor": d.predictor, "component": k, "mean": v, "chosen": d.chosen, "pool": d.pool}
+                       for d in report.demos for k, v in d.component_means.items()], "demo_rewards.json")
+        run.log_json(report.model_dump(), "bootstrap_report.json")
+        run.log_artifact(out, artifact_path="compiled")
+        return run.run_id
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "max_demos_by_signature":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _print(report, summary) -> None:
+    table = Table(title=f"candidates on {report.val_examples} validation questions")
+    for column in ("candidate", "demos", "metric", "EM", "F1", "decomposition", "copies", "seconds"):
+        table.add_column(column)
+    for c in report.candidates:
+        chosen = " (chosen)" if c["index"] == report.chosen else ""
+        table.add_row(c["label"] + chosen, str(sum(c["demos"].values())), f"{c['metric']:.3f}", f"{c['em']:.3f}",
+                      f"{c['f1']:.3f}", "n/a" if c["decomposition"] is None else f"{c['decomposition']:.3f}",
+                      f"{c.get('copy_rate', 0):.2f}", f"{c['seconds']:.0f}")
+    out = Console()
+    out.print(table)
+    out.print(f"traces passed: {report.passed} of {report.train_examples}; demos: {summary['demos']}")
+    out.print(f"saved: {summary['out']} ({summary['compile_seconds']} s)"
+              + (f"   MLflow run: {summary['mlflow_run_id']}" if "mlflow_run_id" in summary else ""))

@@ -1,0 +1,58 @@
+"""``apexdsp run SPEC.toml``: run an experiment spec (every step not done yet) and log it to MLflow."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run`` to the root command."""
+    app.command("run")(run)
+
+
+def run(
+    spec: Annotated[Path, typer.Argument(help="Experiment spec (TOML), e.g. experiments/specs/hotpotqa-apex.toml.")],
+    track: Annotated[bool, typer.Option(help="Log to MLflow (--no-track: compute only; log later with --log-only).")] = True,
+    log_only: Annotated[bool, typer.Option("--log-only", help="Compute nothing; log the steps already computed.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Only check the spec and print the planned steps.")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Step cache (default .apexdsp/experiments).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run an experiment: encoder, index, compile stages, evaluations; each cached by content hash."""
+    from apexdsp.experiments.runner import ExperimentRunner
+    from apexdsp.experiments.spec import load_spec
+
+    experiment = load_spec(spec)
+    runner = ExperimentRunner(experiment, spec, cache_root=cache_dir)
+    if check:
+        for step in runner.steps:
+            state = "done" if runner.is_done(step) else "to do"
+            console.print(f"{step.kind:9} {step.label:30} {step.key}  {state}")
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links; --json output stays one line
+        summary = runner.run(track=track, log_only=log_only)
+    if as_json:
+        print(json.dumps({"spec": summary.spec, "parent_run_id": summary.parent_run_id,
+                          "steps": [vars(step) for step in summary.steps]}, default=str))
+        return
+    table = Table(title=f"{summary.spec}" + (f"  (MLflow parent run {summary.parent_run_id})"
+                                             if summary.parent_run_id else ""))
+    for column in ("step", "label", "status", "seconds", *experiment.evaluation.metrics):
+        table.add_column(column, justify="right" if column not in ("step", "label", "status") else "left")
+    for step in summary.steps:
+        figures = [f"{step.metrics[m]:.3f}" if step.kind == "evaluate" and step.metrics.get(m) is not None else ""
+                   for m in experiment.evaluation.metrics]
+        table.add_row(step.kind, step.label, step.status, f"{step.seconds:.0f}", *figures)
+    console.print(table)
+    if summary.parent_run_id:
+        console.print(f"compare: apexdsp compare --experiment {experiment.mlflow_experiment}    UI: apexdsp ui")

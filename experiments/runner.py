@@ -1,0 +1,314 @@
+"""``apexdsp run SPEC.toml``: do every step that is not done yet, and log the experiment to MLflow.
+
+Computing and logging are separate on purpose. A step's result is written to its cache folder before
+anything is sent to MLflow, and a ledger (``<cache>/ledger/<spec>.json``) remembers which step was
+logged as which child run of which parent run, per tracking store. So:
+
+* re-running a finished experiment computes nothing and logs nothing;
+* a failed step is resumed by running again (finished steps are reused; the parent run is reopened);
+* with MLflow down, ``--no-track`` computes anyway, and ``--log-only`` later logs what was computed,
+  without recomputing it;
+* a lock file keeps two processes from running the same experiment (and writing the same steps) at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from apexdsp.errors import ApexError
+from apexdsp.experiments.spec import ExperimentSpec
+from apexdsp.experiments.steps import RESULT_FILE, RunContext, Step, plan_steps
+from apexdsp.tracking.run import write_json_atomic
+
+
+class TrackingUnavailable(ApexError):
+    """The MLflow tracking store cannot be reached; computed results stay in the local cache."""
+
+
+@dataclass
+class StepReport:
+    label: str
+    kind: str
+    key: str
+    status: str  # computed | cached | skipped (log-only, not computed yet)
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+
+
+@dataclass
+class RunSummary:
+    spec: str
+    parent_run_id: str | None
+    steps: list[StepReport]
+
+    @property
+    def computed(self) -> list[StepReport]:
+        return [step for step in self.steps if step.status == "computed"]
+
+
+def default_cache_root() -> Path:
+    from apexdsp.paths import cache_dir
+
+    return cache_dir("experiments")
+
+
+@contextlib.contextmanager
+def experiment_lock(cache_root: Path, name: str) -> Iterator[Path]:
+    """Hold ``<cache>/locks/<name>.lock`` (``flock``: released by the kernel if the process dies)."""
+    path = cache_root / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ApexError(f"experiment {name!r} is already running ({holder}; lock file {path}); "
+                            "wait for it to finish") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
+        handle.flush()
+        yield path
+    finally:
+        handle.close()
+
+
+class Ledger:
+    """Which step was logged as which MLflow run, per tracking store and experiment plan (JSON, atomic)."""
+
+    def __init__(self, path: Path, tracking_uri: str, plan_key: str):
+        self.path = path
+        self.slot = f"{tracking_uri} {plan_key}"
+        self._data = json.loads(path.read_text()) if path.is_file() else {}
+        self.entry = self._data.setdefault(self.slot, {"parent": None, "children": {}})
+
+    def save(self) -> None:
+        write_json_atomic(self._data, self.path)
+
+
+def probe_tracking(uri: str) -> None:
+    """Fail fast, before any work, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as error:
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({type(error).__name__}); nothing was computed. "
+            "Start it, or run with --no-track now and log later with --log-only") from None
+
+
+def metric_name(text: str) -> str:
+    """MLflow metric keys allow letters, digits, ``_ - . / :`` and spaces."""
+    return re.sub(r"[^\w\-./: ]", "_", text)
+
+
+class ExperimentRunner:
+    """Plans the steps of a spec, runs those not done, and logs them as children of one parent run."""
+
+    def __init__(self, spec: ExperimentSpec, spec_path: Path | None = None, cache_root: Path | None = None,
+                 console: Console | None = None):
+        self.spec = spec
+        self.spec_path = spec_path
+        self.cache_root = Path(cache_root) if cache_root else default_cache_root()
+        self.console = console or Console(stderr=True)
+        self.steps: list[Step] = plan_steps(spec)
+        self.context = RunContext(spec, self.cache_root)
+        for step in self.steps:
+            if step.kind == "index":
+                self.context.index_dir = self.context.step_dir(step) / "index"
+
+    def plan_key(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(" ".join(step.key for step in self.steps).encode()).hexdigest()[:16]
+
+    def is_done(self, step: Step) -> bool:
+        return (self.context.step_dir(step) / RESULT_FILE).is_file()
+
+    def run(self, track: bool = True, log_only: bool = False) -> RunSummary:
+        """Compute missing steps (unless ``log_only``) and log unlogged ones (when ``track``)."""
+        if log_only and not track:
+            raise ApexError("--log-only and --no-track contradict each other")
+        with experiment_lock(self.cache_root, self.spec.name):
+            if not track:
+                return RunSummary(self.spec.name, None, [self._execute(step, None) for step in self.steps])
+            from apexdsp.tracking import default_tracking_uri
+
+            uri = default_tracking_uri()
+            probe_tracking(uri)
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            ledger = Ledger(self.cache_root / "ledger" / f"{self.spec.name}.json", uri, self.plan_key())
+            return self._run_tracked(ledger, log_only)
+
+    def _run_tracked(self, ledger: Ledger, log_only: bool) -> RunSummary:
+        children = ledger.entry["children"]
+        pending = [s for s in self.steps if s.key not in children and (self.is_done(s) or not log_only)]
+        if not pending:  # everything computed and logged: no MLflow run is opened
+            reports = [self._report(step, "cached", children.get(step.key)) for step in self.steps]
+            for report in reports:
+                self.console.print(f"[dim]{report.label} ({report.kind}): done, logged as {report.run_id}[/]")
+            return RunSummary(self.spec.name, ledger.entry["parent"], reports)
+        reports = []
+        try:
+            with self._parent_run(ledger) as parent_id:
+                for step in self.steps:
+                    if step.key in children:
+                        reports.append(self._report(step, "cached", children[step.key]))
+                    elif log_only and not self.is_done(step):
+                        self.console.print(f"[yellow]{step.label} ({step.kind}): not computed yet, not logged[/]")
+                        reports.append(StepReport(step.label, step.kind, step.key, "skipped"))
+                    else:
+                        report = self._tracked_step(step)
+                        children[step.key] = report.run_id
+                        ledger.save()
+                        reports.append(report)
+                self._log_parent_summary(reports)
+        except TrackingUnavailable:
+            raise
+        except ApexError:
+            raise
+        except Exception as error:
+            if _is_tracking_error(error):
+                raise TrackingUnavailable(
+                    f"MLflow stopped answering ({type(error).__name__}: {str(error)[:200]}); every step computed "
+                    f"so far is kept in {self.cache_root}: run again, or with --log-only, once it is back") from None
+            raise
+        return RunSummary(self.spec.name, parent_id, reports)
+
+    @contextlib.contextmanager
+    def _parent_run(self, ledger: Ledger) -> Iterator[str]:
+        import mlflow
+
+        from apexdsp.tracking import ensure_experiment, tracked_run
+
+        experiment_id = ensure_experiment(self.spec.mlflow_experiment)
+        parent = ledger.entry["parent"]
+        if parent is not None:
+            with mlflow.start_run(run_id=parent, experiment_id=experiment_id):
+                yield parent
+            return
+        tags = {"apexdsp.kind": "experiment", "apexdsp.spec": self.spec.name, "apexdsp.plan": self.plan_key()}
+        with tracked_run(self.spec.mlflow_experiment, run_name=self.spec.name, params=self._spec_params(),
+                         tags=tags) as run:
+            ledger.entry["parent"] = run.run_id
+            ledger.save()
+            run.log_json(self.spec.model_dump(mode="json"), "spec.json")
+            if self.spec_path is not None:
+                mlflow.log_artifact(str(self.spec_path))
+            yield run.run_id
+
+    def _spec_params(self) -> dict[str, Any]:
+        spec = self.spec
+        params: dict[str, Any] = {"spec": spec.name, "spec_sha256": spec.sha256()[:16], "program": spec.program.name,
+                                  "lm": spec.lm.default, "test": spec.data.test.describe(),
+                                  "stages": "+".join(stage.label for stage in spec.optimizer.stages) or "none",
+                                  "index": spec.index.kind if spec.index else "none", "seed": spec.seed}
+        if spec.data.train is not None:
+            params["train"] = spec.data.train.describe()
+        return params
+
+    def _tracked_step(self, step: Step) -> StepReport:
+        import mlflow
+
+        from apexdsp.tracking import ensure_experiment
+
+        experiment_id = ensure_experiment(self.spec.mlflow_experiment)
+        run_name = f"{self.spec.name}/{step.kind}:{step.label}"
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=True) as child:
+            mlflow.set_tags({"apexdsp.kind": "step", "apexdsp.step": step.kind, "apexdsp.label": step.label,
+                             "apexdsp.step_key": step.key, "apexdsp.spec": self.spec.name})
+            report = self._execute(step, child.info.run_id)
+            self._log_result(step)
+            mlflow.set_tag("apexdsp.reused", str(report.status == "cached").lower())
+        return report
+
+    def _execute(self, step: Step, run_id: str | None) -> StepReport:
+        """The step's result: from its cache folder if done, else computed now and written there."""
+        work_dir = self.context.step_dir(step)
+        if self.is_done(step):
+            self.console.print(f"[dim]{step.label} ({step.kind}): reusing {work_dir.name}[/]")
+            return self._report(step, "cached", run_id)
+        self.console.print(f"[bold]{step.label} ({step.kind})[/]: computing into {work_dir}")
+        work_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        output = step.run(self.context, work_dir)
+        seconds = time.perf_counter() - started
+        result = {"kind": step.kind, "label": step.label, "key": step.key, "spec": self.spec.name,
+                  "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "params": output.params, "metrics": output.metrics, "artifacts": output.artifacts,
+                  "history": output.history, "load_average": list(os.getloadavg())}
+        write_json_atomic(result, work_dir / RESULT_FILE)  # last: its presence means the step is done
+        self.console.print(f"{step.label} ({step.kind}): done in {seconds:.0f}s")
+        return self._report(step, "computed", run_id)
+
+    def _report(self, step: Step, status: str, run_id: str | None) -> StepReport:
+        result = self.result(step)
+        return StepReport(step.label, step.kind, step.key, status, (result or {}).get("seconds", 0.0),
+                          (result or {}).get("metrics", {}), run_id)
+
+    def result(self, step: Step) -> dict[str, Any] | None:
+        path = self.context.step_dir(step) / RESULT_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _log_result(self, step: Step) -> None:
+        """Params, figures, curves and artifacts of a finished step, into the active child run."""
+        import mlflow
+
+        from apexdsp.tracking.run import TrackedRun
+
+        result = self.result(step)
+        run = TrackedRun(mlflow.active_run())
+        run.log_params({**result["params"], "step_key": step.key, "step_seconds": round(result["seconds"], 2)})
+        run.log_metrics({metric_name(k): v for k, v in result["metrics"].items()})
+        for name, points in result.get("history", {}).items():
+            for index, value in points:
+                run.log_metrics({metric_name(name): value}, step=int(index))
+        work_dir = self.context.step_dir(step)
+        for artifact in result["artifacts"]:
+            path = work_dir / artifact
+            if path.exists():
+                run.log_artifact(path, artifact_path=artifact if path.is_dir() else None)
+        run.log_artifact(work_dir / RESULT_FILE)
+
+    def _log_parent_summary(self, reports: list[StepReport]) -> None:
+        """Each evaluation's figures on the parent too (``em/bootstrap``), for comparing experiments."""
+        import mlflow
+
+        from apexdsp.tracking.run import TrackedRun
+
+        figures = {}
+        for report in reports:
+            if report.kind == "evaluate":
+                for metric in self.spec.evaluation.metrics:
+                    if report.metrics.get(metric) is not None:
+                        figures[metric_name(f"{metric}/{report.label}")] = report.metrics[metric]
+        TrackedRun(mlflow.active_run()).log_metrics(figures)
+
+
+def _is_tracking_error(error: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        import requests
+
+        network = (requests.RequestException, ConnectionError)
+    except ImportError:  # pragma: no cover
+        network = (ConnectionError,)
+    return isinstance(error, (MlflowException, *network))

@@ -1,0 +1,252 @@
+"""Compile-stage kinds a spec can name, mapped to the optimizers that run them.
+
+The runner knows a stage only through :class:`StageContext` and one function, ``run(program, settings,
+context) -> compiled program``. Each kind imports its optimizer lazily, when the stage runs, so a spec can
+be checked (and its other steps run) on a checkout where an optimizer is not built yet; running such a
+stage raises :class:`StageUnavailable` naming the missing module, never a stand-in result.
+
+``labeled`` is DSPy's own ``LabeledFewShot`` (gold question/answer pairs as demos): no traces, no LM
+calls, useful as a cheap real baseline stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apexdsp.errors import ApexError
+
+
+class StageUnavailable(ApexError):
+    """A stage whose optimizer cannot be imported in this checkout."""
+
+
+@dataclass
+class StageContext:
+    """What a stage gets besides the program: its data, a seed, a folder to keep checkpoints in."""
+
+    trainset: list[Any]  # apexdsp.data.records.Question
+    valset: list[Any]
+    seed: int
+    work_dir: Path  # the step's cache folder: checkpoints written here survive an interrupted stage
+    retriever: Any = None
+    threads: int = 8
+    metrics: dict[str, float] = field(default_factory=dict)  # the stage reports its figures here
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # per-step curves (rewards)
+
+
+StageFunction = Callable[[Any, dict[str, Any], StageContext], Any]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    optimizer: str  # "module:attribute" of the optimizer, for messages and docs
+    run: StageFunction
+    description: str
+    config: str | None = None  # "module:attribute" of its settings class, when separate
+    check: Callable[[dict[str, Any]], Any] | None = None  # raises ValueError for bad settings
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """Check settings while the spec is read; an optimizer not importable yet is checked when it runs."""
+        if self.check is None:
+            return
+        try:
+            self.check(settings)
+        except StageUnavailable:
+            return
+
+
+def import_optimizer(target: str, kind: str) -> Any:
+    """``module:attribute``, or :class:`StageUnavailable` saying which optimizer is missing."""
+    module_name, _, attribute = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise StageUnavailable(f"stage kind {kind!r} needs {target}, which cannot be imported in this checkout "
+                               f"({type(error).__name__}: {error})") from None
+
+
+def _examples(questions: list[Any]) -> list[Any]:
+    from apexdsp.data.examples import to_examples
+
+    return to_examples(questions)
+
+
+def _numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# -- labeled (DSPy's LabeledFewShot) ------------------------------------------------------------------
+
+def _check_labeled(settings: dict[str, Any]) -> None:
+    unknown = sorted(set(settings) - {"k"})
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown setting; known: k")
+    if not isinstance(settings.get("k", 4), int) or settings.get("k", 4) < 1:
+        raise ValueError(f"k: must be a positive integer, got {settings.get('k')!r}")
+
+
+def _labeled(program: Any, settings: dict[str, Any], context: StageContext) -> Any:
+    import dspy
+
+    _check_labeled(settings)
+    k = int(settings.get("k", 4))
+    compiled = dspy.LabeledFewShot(k=k).compile(program, trainset=_examples(context.trainset), sample=True)
+    context.metrics["demos_per_module"] = float(min(k, len(context.trainset)))
+    return compiled
+
+
+# -- bootstrap (issue 5: optimizers/bootstrap.py) -------------------------------------------------------
+
+def _bootstrap_config(settings: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    config_class = import_optimizer("apexdsp.optimizers.config:BootstrapConfig", "bootstrap")
+    try:
+        return config_class(**settings)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _bootstrap(program: Any, settings: dict[str, Any], context: StageContext) -> Any:
+    optimizer_class = import_optimizer(STAGE_KINDS["bootstrap"].optimizer, "bootstrap")
+    config = _bootstrap_config({"seed": context.seed, "threads": context.threads, **settings})
+    optimizer = optimizer_class(config, retriever=context.retriever)
+    compiled = optimizer.compile(program, trainset=context.trainset, valset=context.valset or None)
+    report = optimizer.report
+    if report is not None:
+        context.metrics.update(_numbers(report.model_dump(exclude={"candidates", "demos", "passed"})))
+        context.metrics.update(_numbers(report.passed, "passed_"))
+        context.metrics.update(_numbers(report.best(), "chosen_"))
+        context.metrics["demos_chosen"] = float(sum(d.chosen for d in report.demos))
+    return compiled
+
+
+# -- grpo / sft (issue 6: optimizers/grpo.py, optimizers/sft.py) -----------------------------------------
+
+_GRPO_CALL = ("module", "reward", "reward_options", "name")
+
+
+def _check_trainer(kind: str, config_target: str, settings: dict[str, Any]) -> None:
+    if "module" not in settings:
+        raise ValueError("module: required (the module whose LM is trained)")
+    reward = settings.get("reward")
+    if isinstance(reward, str):
+        import apexdsp.rewards  # noqa: F401 - registers the built-in rewards
+        from apexdsp.rewards.base import REWARDS
+
+        if reward not in REWARDS:
+            raise ValueError(f"reward: unknown reward {reward!r}; known: {', '.join(sorted(REWARDS))}")
+    try:
+        config_class = import_optimizer(config_target, kind)
+    except StageUnavailable:
+        return  # checked when the stage runs (and fails there with the import error)
+    try:
+        config_class(**{k: v for k, v in settings.items() if k not in _GRPO_CALL})
+    except (TypeError, ApexError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _trainer_history(work_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-step reward figures from the newest transformers ``trainer_state.json`` under ``work_dir``."""
+    import json
+
+    states = sorted(work_dir.rglob("trainer_state.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    history: dict[str, list[tuple[int, float]]] = {}
+    for entry in json.loads(states[-1].read_text()).get("log_history", []):
+        for key, value in entry.items():
+            if "reward" in key and isinstance(value, (int, float)) and "step" in entry:
+                history.setdefault(key, []).append((int(entry["step"]), float(value)))
+    return history
+
+
+def _trainer_stage(kind: str, program: Any, settings: dict[str, Any], context: StageContext) -> Any:
+    optimizer_class = import_optimizer(STAGE_KINDS[kind].optimizer, kind)
+    config_class = import_optimizer(STAGE_KINDS[kind].config, kind)
+    call = {k: v for k, v in settings.items() if k in _GRPO_CALL}
+    config = config_class(**{"seed": context.seed, **{k: v for k, v in settings.items() if k not in _GRPO_CALL}})
+    optimizer = optimizer_class(context.work_dir, config, retriever=context.retriever)
+    call.setdefault("reward", "answer_f1")
+    compiled = optimizer.compile(program, trainset=context.trainset, valset=context.valset or None, **call)
+    result = getattr(optimizer, "result", None)
+    if result is not None:
+        figures = {k: v for k, v in vars(result).items() if k in ("steps", "prompts", "seconds", "reward_first",
+                                                                  "reward_last") and v is not None}
+        context.metrics.update(_numbers(figures))
+        context.metrics.update(_numbers(getattr(result, "timing", {}) or {}, "time_"))
+        context.metrics.update(_numbers(getattr(result, "zero_std", {}) or {}, "zero_std_"))
+    context.history.update(_trainer_history(context.work_dir))
+    return compiled
+
+
+_SFT_CALL = ("modules", "reward", "min_reward", "name")
+
+
+def _check_sft(settings: dict[str, Any]) -> None:
+    modules = settings.get("modules", ["executor"])
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ValueError("modules: a list of module names, e.g. [\"executor\"]")
+    try:
+        config_class = import_optimizer(STAGE_KINDS["sft"].config, "sft")
+    except StageUnavailable:
+        return
+    try:
+        config_class(**{k: v for k, v in settings.items() if k not in _SFT_CALL})
+    except (TypeError, ApexError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _sft_stage(program: Any, settings: dict[str, Any], context: StageContext) -> Any:
+    """APEX-Searcher's executor SFT: imitate the program's own high-reward trajectories."""
+    optimizer_class = import_optimizer(STAGE_KINDS["sft"].optimizer, "sft")
+    config_class = import_optimizer(STAGE_KINDS["sft"].config, "sft")
+    call = {k: v for k, v in settings.items() if k in _SFT_CALL}
+    if "modules" in call:
+        call["modules"] = tuple(call["modules"])
+    config = config_class(**{"seed": context.seed, **{k: v for k, v in settings.items() if k not in _SFT_CALL}})
+    optimizer = optimizer_class(context.work_dir, config)
+    compiled = optimizer.compile(program, trainset=context.trainset, **call)
+    context.metrics["sft_examples"] = float(len(optimizer.examples))
+    context.history.update(_trainer_history(context.work_dir))
+    return compiled
+
+
+STAGE_KINDS: dict[str, StageKind] = {
+    "bootstrap": StageKind("bootstrap", "apexdsp.optimizers.bootstrap:RewardBootstrap", _bootstrap,
+                           "reward-filtered few-shot bootstrapping with random search (issue 5)",
+                           check=lambda settings: _bootstrap_config(settings)),
+    "grpo": StageKind("grpo", "apexdsp.optimizers.grpo:ModuleGRPO",
+                      lambda p, s, c: _trainer_stage("grpo", p, s, c),
+                      "GRPO on one module's LM with that module's reward (issue 6)",
+                      config="apexdsp.optimizers.grpo_config:ModuleGRPOConfig",
+                      check=lambda settings: _check_trainer("grpo", "apexdsp.optimizers.grpo_config:ModuleGRPOConfig",
+                                                            settings)),
+    "sft": StageKind("sft", "apexdsp.optimizers.sft:ModuleSFT", _sft_stage,
+                     "supervised fine-tuning of the executor on high-reward trajectories (issue 6)",
+                     config="apexdsp.optimizers.sft:SFTStageConfig", check=_check_sft),
+    "labeled": StageKind("labeled", "dspy:LabeledFewShot", _labeled,
+                         "DSPy's LabeledFewShot: k gold question/answer demos per module", check=_check_labeled),
+}
+
+
+def register_stage(kind: StageKind) -> None:
+    """Make a stage kind available to specs (a user's own optimizer)."""
+    STAGE_KINDS[kind.name] = kind
+
+
+def stage_labels(names: list[str]) -> list[str]:
+    """Cumulative labels of the compiled programs: ``[bootstrap, grpo]`` -> ``[bootstrap, bootstrap+grpo]``."""
+    return ["+".join(names[: i + 1]) for i in range(len(names))]
+
+
+def run_stage(kind: str, program: Any, settings: dict[str, Any], context: StageContext) -> Any:
+    """Run one stage; the compiled program it returns replaces ``program`` for the next stage."""
+    return STAGE_KINDS[kind].run(program, settings, context)

@@ -1,0 +1,413 @@
+"""The steps of an experiment (encoder, index, compile stages, evaluations), each keyed by what it is made of.
+
+A step's key is a hash of its spec section, the hashes of the files it reads and the keys of the steps it
+depends on, so an unchanged step is never recomputed, and a change anywhere upstream (a new corpus, an
+extra demo) re-runs exactly the steps downstream of it. Results live in ``<cache>/<key>/``: the step's
+artifacts first, then ``result.json``, written atomically and last, whose presence means "done".
+Execution settings (threads, progress) are not part of a key: they do not change what is computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from apexdsp.errors import ApexError
+from apexdsp.experiments.spec import ExperimentSpec, QuestionSource
+from apexdsp.experiments.stages import StageContext, run_stage, stage_labels
+from apexdsp.tracking.run import write_json_atomic
+
+RESULT_FILE = "result.json"
+STEP_FORMAT = 1  # bump when a step's outputs change meaning: every key changes with it
+
+
+@lru_cache(maxsize=256)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    from apexdsp.data.loaders import file_sha256
+
+    return file_sha256(path)
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 of a file, computed once per process for an unchanged file."""
+    stat = Path(path).stat()
+    return _sha256(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def content_key(kind: str, identity: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps({"format": STEP_FORMAT, "kind": kind, **identity}, sort_keys=True,
+                                       default=str).encode()).hexdigest()
+    return f"{kind}-{digest[:16]}"
+
+
+def source_identity(source: QuestionSource | None) -> dict[str, Any] | None:
+    if source is None:
+        return None
+    identity = source.model_dump(mode="json", exclude={"file"})
+    if source.file is not None:
+        identity["sha256"] = file_hash(source.file)
+    return identity
+
+
+def load_source(source: QuestionSource | None) -> list[Any]:
+    """The questions of a source slice (file order; ``offset`` then ``limit``)."""
+    if source is None:
+        return []
+    from apexdsp.data.loaders import load_questions
+
+    end = source.offset + source.limit if source.limit else None
+    name = source.file if source.file is not None else source.hub
+    questions = load_questions(name, split=source.split, limit=end)[source.offset:]
+    if not questions:
+        raise ApexError(f"{source.describe()}: no questions in this slice")
+    return questions
+
+
+@dataclass
+class StepOutput:
+    """What a step reports: params and figures for MLflow, artifacts (paths in its folder), curves."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+class Step:
+    """One unit of cached work. Subclasses give ``kind``, ``label``, ``identity()`` and ``run()``."""
+
+    kind = "step"
+
+    def __init__(self, label: str, upstream: list[Step] | None = None):
+        self.label = label
+        self.upstream = upstream or []
+        self._key: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            self._key = content_key(self.kind, {**self.identity(), "upstream": [s.key for s in self.upstream]})
+        return self._key
+
+    def run(self, context: RunContext, work_dir: Path) -> StepOutput:
+        raise NotImplementedError
+
+
+class RunContext:
+    """What steps share within one ``apexdsp run``: the spec, the step folders, the loaded index and LMs."""
+
+    def __init__(self, spec: ExperimentSpec, cache_root: Path):
+        self.spec = spec
+        self.cache_root = cache_root
+        self.index_dir: Path | None = None
+        self._retriever: Any = None
+        self._lm_ready = False
+
+    def step_dir(self, step: Step) -> Path:
+        return self.cache_root / step.key
+
+    def retriever(self) -> Any:
+        """The index the program searches, loaded once (None for retrieval-free programs)."""
+        index = self.spec.index
+        if index is None or self._retriever is not None:
+            return self._retriever
+        if index.kind == "bm25":
+            from apexdsp.indexes.baselines import BM25Retriever
+            from apexdsp.indexes.corpus import load_corpus
+
+            self._retriever = BM25Retriever(load_corpus(index.corpus))
+        else:
+            from apexdsp.indexes import load_retriever
+
+            self._retriever = load_retriever(index.reuse or self.index_dir)
+        return self._retriever
+
+    def configure_lm(self) -> None:
+        if not self._lm_ready:
+            from apexdsp.runtime import configure_dspy
+
+            configure_dspy(self.spec.lm.default)
+            self._lm_ready = True
+
+    def build_program(self) -> Any:
+        """The spec's program, uncompiled, with the per-module LMs of ``lm.modules``."""
+        from apexdsp.lm.registry import get_lm
+        from apexdsp.programs.registry import build_program
+
+        self.configure_lm()
+        program = build_program(self.spec.program.name, retriever=self.retriever(), **self.spec.program.options)
+        for name, predictor in program.named_predictors():
+            for key, lm in self.spec.lm.modules.items():
+                if name == key or name.startswith(key + "."):
+                    predictor.lm = get_lm(lm)
+        return program
+
+
+# -- saving compiled programs between steps ---------------------------------------------------------
+
+
+def save_program(program: Any, folder: Path, context: RunContext, info: dict[str, Any]) -> None:
+    """A compiled program directory (issue 5's format: JSON state + manifest), with trained weights inside.
+
+    Weights a stage trained (``weights/<predictor>/``, issue 6) are copied (hard links where possible) into
+    the directory and bound in the manifest, so each compiled directory is complete on its own. LM state is
+    not kept in ``program.json``: LMs come from the spec and the manifest's bindings when loaded.
+    """
+    import shutil
+
+    compiled = _compiled_api()
+    from apexdsp.optimizers.trained_lm import trained_weights
+
+    spec = context.spec
+    index = compiled.index_ref(context.index_dir) if spec.index and spec.index.kind == "colbert" else None
+    if spec.index is not None and spec.index.reuse is not None:
+        index = compiled.index_ref(spec.index.reuse)
+    compiled.save_compiled(program, folder, lm=spec.lm.default, index=index, optimizer=info)
+    state_file = folder / compiled.STATE_FILE
+    state = json.loads(state_file.read_text())
+    for value in state.values():
+        if isinstance(value, dict) and "lm" in value:
+            value["lm"] = None
+    write_json_atomic(state, state_file)
+    weights = trained_weights(program)
+    if weights:
+        manifest_file = folder / compiled.MANIFEST_FILE
+        manifest = compiled.CompiledManifest.model_validate_json(manifest_file.read_text())
+        for name, source in weights.items():
+            target = folder / "weights" / name
+            shutil.copytree(source, target, copy_function=_link_or_copy, dirs_exist_ok=True)
+            manifest.modules[name].weights = f"weights/{name}"
+        write_json_atomic(manifest.model_dump(), manifest_file)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def load_program(context: RunContext, folder: Path | None) -> Any:
+    """The spec's program with the state saved in ``folder`` (the uncompiled one when None).
+
+    The spec's ``lm.modules`` apply to every predictor without trained weights of its own.
+    """
+    if folder is None:
+        return context.build_program()
+    fresh = context.build_program()  # the spec's program and per-module LMs, then the saved state into it
+    spec_lms = {name: predictor.lm for name, predictor in fresh.named_predictors()}
+    program = _compiled_api().load_compiled(folder, retriever=context.retriever(), program=fresh).program
+    for name, predictor in program.named_predictors():
+        if predictor.lm is None:  # no trained weights bound: the spec's LM
+            predictor.lm = spec_lms.get(name)
+    return program
+
+
+def _compiled_api() -> Any:
+    try:
+        from apexdsp.optimizers import compiled
+    except ImportError as error:
+        raise ApexError(f"compile stages need apexdsp.optimizers.compiled (issue 5), which cannot be imported "
+                        f"({error})") from None
+    return compiled
+
+
+# -- the steps ---------------------------------------------------------------------------------------
+
+
+class EncoderStep(Step):
+    """Train the ColBERT encoder from question files (``[index.encoder] train = [...]``)."""
+
+    kind = "encoder"
+
+    def identity(self) -> dict[str, Any]:
+        encoder = self.spec_encoder
+        return {"settings": encoder.training_settings(), "limit": encoder.limit,
+                "train": [file_hash(path) for path in encoder.train]}
+
+    def __init__(self, spec: ExperimentSpec):
+        super().__init__("encoder")
+        self.spec_encoder = spec.index.encoder
+
+    def run(self, context: RunContext, work_dir: Path) -> StepOutput:
+        from apexdsp.indexes.encoder_job import train_encoder
+        from apexdsp.indexes.encoder_training import EncoderTrainingConfig
+        from apexdsp.paths import cache_dir
+
+        encoder = self.spec_encoder
+        config = EncoderTrainingConfig(**encoder.training_settings(), limit_per_file=encoder.limit)
+        trained = train_encoder([str(path) for path in encoder.train], work_dir / "encoder", config, track=False,
+                                cache_dir=cache_dir("cache"))
+        record = trained.record
+        metrics = {**{f"before_{k}": v for k, v in record["heldout_before"].items()},
+                   **{f"after_{k}": v for k, v in record["heldout_after"].items()}, **record["timings"]}
+        return StepOutput(params=config.as_params(), metrics=metrics, artifacts=["encoder/apexdsp-encoder.json"])
+
+
+class IndexStep(Step):
+    """Build a ColBERT (PLAID) index over the corpus with the encoder (trained upstream or given)."""
+
+    kind = "index"
+
+    def __init__(self, spec: ExperimentSpec, encoder_step: EncoderStep | None):
+        super().__init__("index", [encoder_step] if encoder_step else [])
+        self.index = spec.index
+        self.encoder_step = encoder_step
+
+    def identity(self) -> dict[str, Any]:
+        identity = {"corpus": file_hash(self.index.corpus), "nbits": self.index.nbits,
+                    "partitions": self.index.partitions}
+        if self.encoder_step is None:
+            from apexdsp.indexes.encoder import encoder_fingerprint
+
+            identity["encoder"] = encoder_fingerprint(self.index.encoder.path)
+        return identity
+
+    def encoder_dir(self, context: RunContext) -> Path:
+        if self.encoder_step is None:
+            return self.index.encoder.path
+        return context.step_dir(self.encoder_step) / "encoder"
+
+    def run(self, context: RunContext, work_dir: Path) -> StepOutput:
+        from apexdsp.indexes.colbert_index import build_index
+
+        manifest = build_index(self.index.corpus, self.encoder_dir(context), work_dir / "index",
+                               nbits=self.index.nbits, partitions=self.index.partitions)
+        metrics = {"passages": manifest.passages, "build_seconds": manifest.build_seconds,
+                   "index_bytes": manifest.index_bytes, "passages_per_second": manifest.passages_per_second}
+        return StepOutput(params={"corpus": str(self.index.corpus), "nbits": self.index.nbits,
+                                  "partitions": manifest.partitions}, metrics=metrics,
+                          artifacts=["index/apexdsp-index.json"])
+
+
+def index_identity(spec: ExperimentSpec, index_step: IndexStep | None) -> dict[str, Any] | None:
+    """What the programs search, for the keys of the steps that search it."""
+    index = spec.index
+    if index is None:
+        return None
+    if index.kind == "bm25":
+        return {"kind": "bm25", "corpus": file_hash(index.corpus)}
+    if index.reuse is not None:
+        return {"kind": "colbert", "manifest": file_hash(index.reuse / "apexdsp-index.json")}
+    return {"kind": "colbert", "step": index_step.key}
+
+
+class CompileStep(Step):
+    """One optimizer stage applied to the previous stage's program."""
+
+    kind = "compile"
+
+    def __init__(self, spec: ExperimentSpec, position: int, label: str, upstream: list[Step],
+                 previous: CompileStep | None, searched: dict[str, Any] | None):
+        super().__init__(label, upstream)
+        self.spec = spec
+        self.stage = spec.optimizer.stages[position]
+        self.position = position
+        self.previous = previous
+        self.searched = searched
+
+    def identity(self) -> dict[str, Any]:
+        spec = self.spec
+        return {"stage": self.stage.model_dump(mode="json"), "program": spec.program.model_dump(mode="json"),
+                "lm": spec.lm.model_dump(mode="json"), "seed": spec.seed, "index": self.searched,
+                "train": source_identity(spec.data.train), "val": source_identity(spec.data.val)}
+
+    def run(self, context: RunContext, work_dir: Path) -> StepOutput:
+        previous = context.step_dir(self.previous) / "program" if self.previous else None
+        program = load_program(context, previous)
+        stage_context = StageContext(trainset=load_source(self.spec.data.train),
+                                     valset=load_source(self.spec.data.val), seed=self.spec.seed,
+                                     work_dir=work_dir, retriever=context.retriever(),
+                                     threads=self.spec.evaluation.threads)
+        started = time.perf_counter()
+        compiled = run_stage(self.stage.kind, program, dict(self.stage.settings), stage_context)
+        seconds = time.perf_counter() - started
+        save_program(compiled, work_dir / "program", context,
+                     {"name": self.stage.kind, "stage": self.label, "settings": self.stage.settings})
+        params = {"stage": self.label, "stage_kind": self.stage.kind,
+                  **{f"settings.{k}": v for k, v in self.stage.settings.items()},
+                  "train": self.spec.data.train.describe(), "n_train": len(stage_context.trainset),
+                  "n_val": len(stage_context.valset)}
+        return StepOutput(params=params, metrics={**stage_context.metrics, "compile_seconds": seconds},
+                          artifacts=["program"], history=stage_context.history)
+
+
+class EvaluateStep(Step):
+    """Evaluate the program after a stage (or uncompiled) on the test questions."""
+
+    kind = "evaluate"
+
+    def __init__(self, spec: ExperimentSpec, label: str, upstream: list[Step], compiled: CompileStep | None,
+                 searched: dict[str, Any] | None):
+        super().__init__(label, upstream)
+        self.spec = spec
+        self.compiled = compiled
+        self.searched = searched
+
+    def identity(self) -> dict[str, Any]:
+        spec = self.spec
+        return {"program": spec.program.model_dump(mode="json"), "lm": spec.lm.model_dump(mode="json"),
+                "index": self.searched, "test": source_identity(spec.data.test)}
+
+    def run(self, context: RunContext, work_dir: Path) -> StepOutput:
+        import contextlib
+        import sys
+
+        from apexdsp.evaluation import evaluate_program
+        from apexdsp.programs.registry import RETRIEVAL_FREE
+
+        spec = self.spec
+        questions = load_source(spec.data.test)
+        program = load_program(context, context.step_dir(self.compiled) / "program" if self.compiled else None)
+        with contextlib.redirect_stdout(sys.stderr):  # DSPy's progress bar
+            report = evaluate_program(program, questions, threads=spec.evaluation.threads,
+                                      retrieves=spec.program.name not in RETRIEVAL_FREE, progress=True)
+        write_json_atomic(report.model_dump(), work_dir / "report.json")
+        params = {"program": spec.program.name, "stage": self.label, "lm": spec.lm.default,
+                  "lm_modules": spec.lm.modules, "test": spec.data.test.describe(), "n": report.n,
+                  "dataset": dataset_name(spec.data.test),
+                  "index": spec.index.kind if spec.index else "none", "program_options": spec.program.options}
+        metrics = {k: v for k, v in report.summary().items() if isinstance(v, (int, float)) and v is not None}
+        return StepOutput(params=params, metrics=metrics, artifacts=["report.json"])
+
+
+def dataset_name(source: QuestionSource) -> str:
+    """``hotpotqa/dev`` for ``.../hotpotqa/dev.jsonl``; the hub name for a hub source."""
+    if source.file is None:
+        return f"{source.hub}/{source.split or 'default'}"
+    return f"{source.file.parent.name}/{source.file.stem}"
+
+
+def plan_steps(spec: ExperimentSpec) -> list[Step]:
+    """Every step of the spec in dependency order."""
+    steps: list[Step] = []
+    index_step = None
+    if spec.index is not None and spec.index.kind == "colbert" and spec.index.reuse is None:
+        encoder_step = EncoderStep(spec) if spec.index.encoder.train else None
+        steps += [encoder_step] if encoder_step else []
+        index_step = IndexStep(spec, encoder_step)
+        steps.append(index_step)
+    searched = index_identity(spec, index_step)
+    base = [index_step] if index_step else []
+    compiled: dict[str, CompileStep | None] = {"uncompiled": None}
+    previous = None
+    labels = stage_labels([stage.label for stage in spec.optimizer.stages])
+    for position, label in enumerate(labels):
+        previous = CompileStep(spec, position, label, base + ([previous] if previous else []), previous, searched)
+        compiled[label] = previous
+        steps.append(previous)
+    for label in spec.checkpoints():
+        step = compiled[label]
+        steps.append(EvaluateStep(spec, label, base + ([step] if step else []), step, searched))
+    return steps

@@ -1,0 +1,319 @@
+"""Reward-gated bootstrapping: few-shot demos for each module, chosen by the rewards later stages train on.
+
+    trainset --teacher, traced--> rollouts --trace gate--> passing runs --module gates--> demo pools
+    demo pools --random search--> candidate demo sets --valset, metric--> the compiled student
+
+The shape is DSPy's ``BootstrapFewShotWithRandomSearch``; what differs is *which* traces become demos.
+DSPy keeps a trace when one metric accepts the final answer, and then every module call in it becomes a
+demo. A multi-hop agent can reach a right answer through a bad plan (the small model guessed) and a
+wrong answer through a good one (the reader failed), so here each module's call must also pass its own
+reward: a plan is shown only if its decomposition reward is high, a query only if it found a gold
+paragraph, an answer only if it is right (:mod:`apexdsp.optimizers.demos`). The teacher runs the
+questions in threads so the batching LM backend decodes them together.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dspy
+from dspy.teleprompt.teleprompt import Teleprompter
+from pydantic import BaseModel, Field
+
+from apexdsp.data.examples import to_examples
+from apexdsp.data.records import Question
+from apexdsp.errors import ApexError
+from apexdsp.indexes.base import Retriever
+from apexdsp.optimizers.checkpoint import CompileCheckpoint, fingerprint
+from apexdsp.optimizers.compiled import examples_digest
+from apexdsp.optimizers.candidates import CandidateScore, Metric, build_candidates, score_candidate, with_demos
+from apexdsp.optimizers.config import BootstrapConfig
+from apexdsp.optimizers.demos import Demo, TraceVerdict, extract_demos, judge_rollouts, labeled_plan_demos
+from apexdsp.optimizers.rollouts import run_traced
+from apexdsp.programs.shared import Shared
+
+logger = logging.getLogger(__name__)
+
+
+class DemoStats(BaseModel):
+    """The demos one predictor received in the chosen set, with the mean of each reward component."""
+
+    predictor: str
+    signature: str
+    pool: int  # demos that passed its gate
+    rejected: int  # calls its module gate turned down
+    chosen: int
+    component_means: dict[str, float] = Field(default_factory=dict)
+    from_examples: list[str] = Field(default_factory=list)
+
+
+class BootstrapReport(BaseModel):
+    """What a compile did: how many traces passed and why, what each candidate scored, what was kept."""
+
+    train_examples: int
+    val_examples: int
+    passed: dict[str, int]  # ground -> count ("f1", "hit")
+    failed: int
+    program_errors: int
+    train_em: float
+    train_f1: float
+    train_plan_reward: float | None
+    candidates: list[dict[str, Any]]
+    chosen: int  # index into candidates (-1: the zero-shot program)
+    demos: list[DemoStats]
+    bootstrap_seconds: float
+    selection_seconds: float
+
+    def best(self) -> dict[str, Any]:
+        return next(c for c in self.candidates if c["index"] == self.chosen)
+
+
+class RewardBootstrap(Teleprompter):
+    """A DSPy teleprompter: ``compile(student, *, trainset, valset=None, teacher=None)`` -> the student with
+    reward-gated demos attached to each predictor.
+
+    ``metric``: a DSPy metric ``metric(example, prediction, trace) -> float`` that picks the best candidate
+    on the valset instead of ``config.metric``. ``retriever``: the index the executability reward searches;
+    by default the one the student searches. ``labeled_plans``: questions with gold decompositions
+    (MuSiQue) whose plans join the planner's demo pool when they pass its gate (see
+    :func:`~apexdsp.optimizers.demos.labeled_plan_demos`). ``checkpoint``: a file where finished phases
+    are kept, so that an interrupted compile rerun with the same settings resumes
+    (:class:`~apexdsp.optimizers.checkpoint.CompileCheckpoint`). After ``compile``, ``self.report`` holds a
+    :class:`BootstrapReport`.
+    """
+
+    def __init__(self, config: BootstrapConfig | None = None, *, metric: Metric | None = None,
+                 retriever: Retriever | None = None, teacher_settings: dict[str, Any] | None = None,
+                 labeled_plans: Sequence[Question] | None = None, checkpoint: str | Path | None = None):
+        super().__init__()
+        self.config = config or BootstrapConfig()
+        self.metric = metric
+        self.retriever = retriever
+        self.teacher_settings = dict(teacher_settings or {})
+        self.labeled_plans = list(labeled_plans or [])
+        self.checkpoint = checkpoint
+        self.report: BootstrapReport | None = None
+
+    def compile(self, student: dspy.Module, *, trainset: Sequence[dspy.Example | Question],
+                valset: Sequence[dspy.Example | Question] | None = None,
+                teacher: dspy.Module | None = None) -> dspy.Module:
+        train, val = as_examples(trainset), as_examples(valset) if valset else None
+        if not train:
+            raise ApexError("bootstrap: the trainset is empty")
+        retriever = self.retriever or find_retriever(student)
+        teacher = (teacher or student).deepcopy()  # the student-as-teacher is a copy: its demos stay its own
+        student = student.reset_copy()
+        names = _matching_names(student, teacher)
+        checkpoint = self._open_checkpoint(student, train, val)
+
+        started = time.perf_counter()
+        if checkpoint is not None and checkpoint.bootstrap is not None:
+            pool, rejected, verdicts, errors = checkpoint.load_bootstrap()
+            _say(self.config, f"bootstrap: resumed from {checkpoint.path} ({len(verdicts)} traces judged)")
+        else:
+            pool, rejected, verdicts, errors = self._bootstrap(teacher, train, names, retriever)
+            if checkpoint is not None:
+                checkpoint.save_bootstrap(pool, rejected, verdicts, errors)
+        bootstrap_seconds = time.perf_counter() - started
+
+        budgets = {name: self.config.demo_budget(_signature_name(p)) for name, p in student.named_predictors()}
+        demo_sets = build_candidates(pool, budgets, self.config.num_candidates, self.config.seed)
+        if not demo_sets:
+            raise ApexError("bootstrap: every predictor has a demo budget of 0; nothing to compile")
+        started = time.perf_counter()
+        scores, programs = self._search(student, demo_sets, val or train, retriever, checkpoint)
+        best = self._best(scores, programs)
+        selection_seconds = time.perf_counter() - started
+
+        compiled = programs[best.index]
+        compiled._compiled = True
+        self.report = _report(train, val or train, verdicts, errors, scores, best, pool, rejected,
+                              demo_sets[best.index] if best.index >= 0 else {}, student,
+                              bootstrap_seconds, selection_seconds)
+        _say(self.config, f"chosen: {best.label} ({self.config.metric} {best.metric:.3f} on "
+                          f"{len(val or train)} validation questions)")
+        return compiled
+
+    def _bootstrap(self, teacher: dspy.Module, train: list[dspy.Example], names: dict[int, str],
+                   retriever: Retriever | None) -> tuple[dict[str, list[Demo]], Counter, list[TraceVerdict], int]:
+        _say(self.config, f"bootstrap: running the teacher on {len(train)} training questions")
+        with dspy.context(**self.teacher_settings):
+            rollouts = run_traced(teacher, train, threads=self.config.threads, progress=self.config.progress)
+        verdicts = judge_rollouts(rollouts, self.config.gates, retriever)
+        pool: dict[str, list[Demo]] = {}
+        rejected: Counter = Counter()
+        for rollout, verdict in zip(rollouts, verdicts):
+            demos, turned_down = extract_demos(rollout, verdict, names, self.config.gates)
+            rejected.update(turned_down)
+            for demo in demos:
+                pool.setdefault(demo.predictor, []).append(demo)
+        errors = sum(r.error is not None for r in rollouts)
+        passed = Counter(v.reason for v in verdicts if v.passed)
+        if self.labeled_plans:
+            planners = [name for predictor, name in names.items() if _is_planner(predictor, teacher)]
+            from apexdsp.programs.planner import Planner
+
+            steps = next((m.max_steps for _, m in teacher.named_sub_modules() if isinstance(m, Planner)), 3)
+            labeled, turned_down = labeled_plan_demos(self.labeled_plans, planners, self.config.gates, steps)
+            for demo in labeled:
+                pool.setdefault(demo.predictor, []).append(demo)
+            _say(self.config, f"bootstrap: {len(labeled)} labeled plan demos from gold decompositions "
+                              f"({turned_down} of {len(self.labeled_plans)} turned down)")
+        _say(self.config, f"bootstrap: {sum(passed.values())} of {len(train)} traces passed "
+                          f"({', '.join(f'{n} on {k}' for k, n in passed.items()) or 'none'}); {errors} raised; "
+                          f"demos per predictor: {', '.join(f'{k}={len(v)}' for k, v in pool.items()) or 'none'}")
+        if not passed:
+            reasons = Counter(v.reason for v in verdicts)
+            raise ApexError(
+                f"bootstrap: no trace of {len(train)} training questions passed the gates "
+                f"({'; '.join(f'{n}x {r}' for r, n in reasons.most_common(3))}); use more training questions, "
+                "a stronger teacher, or relax the gates (--min-answer-f1, --accept-hit)")
+        if not pool:
+            raise ApexError(
+                f"bootstrap: {sum(passed.values())} traces passed, but no module call passed its own gate "
+                f"(rejected: {dict(rejected)}); relax --min-plan-reward or --min-final-answer-f1")
+        return pool, rejected, verdicts, errors
+
+    def _open_checkpoint(self, student: dspy.Module, train: list[dspy.Example],
+                         val: list[dspy.Example] | None) -> CompileCheckpoint | None:
+        if self.checkpoint is None:
+            return None
+        key = fingerprint([n for n, _ in student.named_predictors()],
+                          self.config.model_dump(exclude={"threads", "progress"}), examples_digest(train),
+                          examples_digest(val or []), examples_digest(self.labeled_plans),
+                          getattr(self.metric, "__name__", None))
+        return CompileCheckpoint(self.checkpoint, key)
+
+    def _search(self, student: dspy.Module, demo_sets: list[dict[str, list[Demo]]], val: list[dspy.Example],
+                retriever: Retriever | None,
+                checkpoint: CompileCheckpoint | None) -> tuple[list[CandidateScore], dict[int, dspy.Module]]:
+        scores: list[CandidateScore] = []
+        programs: dict[int, dspy.Module] = {}
+        total = len(demo_sets) + self.config.score_zero_shot
+        for position, index in enumerate(([-1] if self.config.score_zero_shot else []) + list(range(len(demo_sets)))):
+            label = ("zero-shot" if index < 0 else "top-ranked" if index == 0 else f"random #{index}")
+            _say(self.config, f"candidate {position + 1}/{total} ({label}) on {len(val)} validation questions")
+            self._score(student, demo_sets, index, label, val, retriever, checkpoint, scores, programs)
+        best = self._best(scores, programs)
+        if best.index >= 0 and self._degenerate(best):
+            # Every candidate repeats a demo's answer: try the best one without the demos that carry answers.
+            repaired = {name: demos for name, demos in demo_sets[best.index].items()
+                        if not any(demo.example.get("answer") for demo in demos)}
+            if repaired and repaired not in demo_sets:
+                demo_sets.append(repaired)
+                label = f"{best.label} without answer demos"
+                _say(self.config, f"every candidate copies demo answers; trying {label}")
+                self._score(student, demo_sets, len(demo_sets) - 1, label, val, retriever, checkpoint, scores,
+                            programs)
+        return scores, programs
+
+    def _score(self, student, demo_sets, index, label, val, retriever, checkpoint, scores, programs) -> None:
+        program = student.reset_copy() if index < 0 else with_demos(student, demo_sets[index])
+        done = checkpoint.candidate(index) if checkpoint is not None else None
+        if done is not None:
+            score = CandidateScore(**done)
+        else:
+            score = score_candidate(program, val, config=self.config, retriever=retriever, metric=self.metric,
+                                    index=index, label=label)
+            if checkpoint is not None:
+                checkpoint.save_candidate(index, score.__dict__)
+        _say(self.config, f"  {label}: {self.config.metric} {score.metric:.3f}, F1 {score.f1:.3f}, "
+                          f"decomposition {_fmt(score.decomposition)}, copied demo answers {score.copy_rate:.2f}, "
+                          f"{score.seconds:.0f}s")
+        if index >= 0 or self.config.allow_zero_shot:
+            programs[index] = program
+        scores.append(score)
+
+    def _degenerate(self, score: CandidateScore) -> bool:
+        return score.copy_rate > self.config.max_copy_rate
+
+    def _best(self, scores: list[CandidateScore], programs: dict[int, dspy.Module]) -> CandidateScore:
+        """The best eligible candidate (the zero-shot program is scored as the reference; it competes only
+        with ``allow_zero_shot``); ``max`` keeps the first of equals."""
+        return max((s for s in scores if s.index in programs), key=lambda s: s.key(self.config))
+
+    def get_params(self) -> dict[str, Any]:
+        return {"config": self.config.model_dump(), "metric": getattr(self.metric, "__name__", None)}
+
+
+def as_examples(items: Sequence[dspy.Example | Question] | None) -> list[dspy.Example]:
+    """DSPy examples from examples or :class:`Question` records (as ``to_examples`` makes them)."""
+    items = list(items or [])
+    return [to_examples([item])[0] if isinstance(item, Question) else item for item in items]
+
+
+def find_retriever(program: dspy.Module) -> Retriever | None:
+    """The index a program searches (the first module holding one), for the executability reward."""
+    for _, module in [("", program), *program.named_sub_modules()]:
+        held = getattr(module, "_retriever", None)
+        if isinstance(held, Shared) and held.value is not None:
+            return held.value
+        if hasattr(module, "search_batch"):
+            return module  # type: ignore[return-value]
+    return None
+
+
+def _is_planner(predictor_id: int, program: dspy.Module) -> bool:
+    from apexdsp.programs.planner import WritePlan
+
+    return any(id(p) == predictor_id and _signature_name(p) == WritePlan.__name__ for _, p in program.named_predictors())
+
+
+def _signature_name(predictor: Any) -> str:
+    return getattr(getattr(predictor, "signature", None), "__name__", "?")
+
+
+def _matching_names(student: dspy.Module, teacher: dspy.Module) -> dict[int, str]:
+    """The teacher's predictors by identity -> name; the two programs must have the same predictors."""
+    student_names = [name for name, _ in student.named_predictors()]
+    teacher_named = teacher.named_predictors()
+    if not student_names:
+        raise ApexError(f"bootstrap: {type(student).__name__} has no dspy.Predict modules to give demos to")
+    if student_names != [name for name, _ in teacher_named]:
+        raise ApexError(f"bootstrap: the teacher's predictors {[n for n, _ in teacher_named]} differ from the "
+                        f"student's {student_names}")
+    return {id(predictor): name for name, predictor in teacher_named}
+
+
+def _report(train, val, verdicts, errors, scores, best, pool, rejected, chosen, student, bootstrap_seconds,
+            selection_seconds) -> BootstrapReport:
+    plans = [v.plan.value for v in verdicts if v.plan is not None]
+    demos = []
+    for name, predictor in student.named_predictors():
+        picked = chosen.get(name, [])
+        components: dict[str, list[float]] = {}
+        for demo in picked:
+            for key, value in demo.rewards.items():
+                components.setdefault(key, []).append(value)
+        demos.append(DemoStats(predictor=name, signature=_signature_name(predictor), pool=len(pool.get(name, [])),
+                               rejected=rejected.get(name, 0), chosen=len(picked),
+                               component_means={k: statistics.fmean(v) for k, v in components.items()},
+                               from_examples=[d.example_id for d in picked]))
+    return BootstrapReport(
+        train_examples=len(train), val_examples=len(val),
+        passed=dict(Counter(v.reason for v in verdicts if v.passed)), failed=sum(not v.passed for v in verdicts),
+        program_errors=errors, train_em=statistics.fmean(v.em for v in verdicts),
+        train_f1=statistics.fmean(v.f1 for v in verdicts),
+        train_plan_reward=statistics.fmean(plans) if plans else None,
+        candidates=[{**s.__dict__} for s in scores], chosen=best.index, demos=demos,
+        bootstrap_seconds=bootstrap_seconds, selection_seconds=selection_seconds)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _say(config: BootstrapConfig, message: str) -> None:
+    logger.info(message)
+    if config.progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+__all__ = ["BootstrapReport", "DemoStats", "RewardBootstrap", "as_examples", "find_retriever"]

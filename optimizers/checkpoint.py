@@ -1,0 +1,98 @@
+"""Resuming an interrupted compile: the finished phases of a bootstrap, kept in one JSON file.
+
+Running the teacher over the trainset and each candidate over the valset are the expensive parts (minutes
+each on a CPU). :class:`CompileCheckpoint` records each as it finishes (atomically: a killed process
+leaves the previous version of the file), under a fingerprint of everything that determines the result
+(program modules, config, data, labeled plans). A rerun with the same fingerprint skips what is done; a
+rerun with anything changed ignores the stale file and starts over, saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from apexdsp.optimizers.demos import Demo, TraceVerdict
+from apexdsp.rewards import RewardResult
+from apexdsp.tracking import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def demo_to_json(demo: Demo) -> dict[str, Any]:
+    return {"predictor": demo.predictor, "signature": demo.signature, "example": demo.example.toDict(),
+            "score": demo.score, "example_id": demo.example_id, "rewards": demo.rewards}
+
+
+def demo_from_json(data: dict[str, Any]) -> Demo:
+    return Demo(data["predictor"], data["signature"], dspy.Example(**data["example"]), data["score"],
+                data["example_id"], data["rewards"])
+
+
+def verdict_to_json(verdict: TraceVerdict) -> dict[str, Any]:
+    plan = None if verdict.plan is None else {"value": verdict.plan.value, "components": verdict.plan.components}
+    return {"example_id": verdict.example_id, "passed": verdict.passed, "reason": verdict.reason, "em": verdict.em,
+            "f1": verdict.f1, "hit": verdict.hit, "plan": plan}
+
+
+def verdict_from_json(data: dict[str, Any]) -> TraceVerdict:
+    plan = data.get("plan")
+    return TraceVerdict(data["example_id"], data["passed"], data["reason"], data["em"], data["f1"], data["hit"],
+                        None if plan is None else RewardResult(plan["value"], plan["components"]))
+
+
+class CompileCheckpoint:
+    """The phases of one compile that already finished, in ``path``, valid for one fingerprint."""
+
+    def __init__(self, path: str | Path, key: str):
+        self.path = Path(path)
+        self.key = key
+        self.state: dict[str, Any] = {"fingerprint": key, "bootstrap": None, "candidates": {}}
+        if self.path.is_file():
+            try:
+                saved = json.loads(self.path.read_text())
+            except ValueError:
+                saved = {}
+            if saved.get("fingerprint") == key:
+                self.state = saved
+                logger.info("resuming the compile from %s", self.path)
+            else:
+                logger.info("%s belongs to another compile (settings or data changed): starting over", self.path)
+
+    @property
+    def bootstrap(self) -> dict[str, Any] | None:
+        return self.state.get("bootstrap")
+
+    def save_bootstrap(self, pool: dict[str, list[Demo]], rejected: dict[str, int], verdicts: list[TraceVerdict],
+                       errors: int) -> None:
+        self.state["bootstrap"] = {"pool": {k: [demo_to_json(d) for d in v] for k, v in pool.items()},
+                                   "rejected": dict(rejected), "verdicts": [verdict_to_json(v) for v in verdicts],
+                                   "errors": errors}
+        write_json_atomic(self.state, self.path)
+
+    def load_bootstrap(self) -> tuple[dict[str, list[Demo]], dict[str, int], list[TraceVerdict], int]:
+        done = self.state["bootstrap"]
+        return ({k: [demo_from_json(d) for d in v] for k, v in done["pool"].items()}, done["rejected"],
+                [verdict_from_json(v) for v in done["verdicts"]], done["errors"])
+
+    def candidate(self, index: int) -> dict[str, Any] | None:
+        return self.state["candidates"].get(str(index))
+
+    def save_candidate(self, index: int, score: dict[str, Any]) -> None:
+        self.state["candidates"][str(index)] = score
+        write_json_atomic(self.state, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+__all__ = ["CompileCheckpoint", "fingerprint"]

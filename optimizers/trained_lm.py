@@ -1,0 +1,158 @@
+"""The LM behind one module: can its weights be trained, where do trained weights go, and how a module
+starts using them.
+
+Weight-level stages (GRPO, SFT) train the transformers folder that a module's local ``dspy.LM`` serves
+(:class:`apexdsp.lm.engine.LocalEngine`), then give that module — and only that module — a new
+``dspy.LM`` over the trained folder, built by the same registry call any local folder goes through
+(:func:`apexdsp.lm.registry.get_lm`). Other modules keep the LM they had, so training modules one at a
+time (MAPGRPO) never disturbs the ones trained before.
+
+Trained weights are written to a staging folder and renamed into place only when complete, so a crash
+never leaves a half-written folder where a good one was; ``apexdsp-trained.json`` inside says what was
+trained from what, and its presence marks the folder finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from apexdsp.errors import ApexError
+
+TRAINED_MANIFEST = "apexdsp-trained.json"
+
+
+class ModelNotTrainable(ApexError):
+    """A module whose LM has no local weights to train (a remote API model, a non-LM object)."""
+
+
+def module_lm(predictor: dspy.Predict) -> Any:
+    """The LM a predictor calls: its own, else the configured default."""
+    lm = predictor.lm or dspy.settings.lm
+    if lm is None:
+        raise ApexError("no LM is configured: call apexdsp.runtime.configure_dspy(...) before compiling")
+    return lm
+
+
+def trainable_model_dir(lm: Any, module: str) -> Path:
+    """The transformers folder behind ``lm``; :class:`ModelNotTrainable` when it has none.
+
+    Only an LM served in-process by :class:`~apexdsp.lm.engine.LocalEngine` has weights this process can
+    update; an API model (``openai/...``, ``hosted_vllm/...``) does not, and training it must fail before
+    any slow work, naming the module and the model.
+    """
+    from apexdsp.lm.engine import LocalEngine
+
+    engine = getattr(lm, "engine", None)
+    if not isinstance(engine, LocalEngine):
+        model = getattr(lm, "model", type(lm).__name__)
+        raise ModelNotTrainable(
+            f"module {module!r} uses LM {model!r}, which is served remotely: its weights cannot be trained here; "
+            "give the module a local model (smollm2-135m or a transformers folder) with "
+            "dspy.configure(lm=apexdsp.lm.registry.get_lm(...)) or predictor.lm = ...")
+    if not (engine.model_dir / "config.json").is_file():
+        raise ModelNotTrainable(f"module {module!r}: {engine.model_dir} is not a transformers model folder")
+    return engine.model_dir
+
+
+def weights_dir(out_dir: str | Path, name: str) -> Path:
+    """``<out>/weights/<name>/``: where the trained weights of module (or stage) ``name`` live."""
+    return Path(out_dir) / "weights" / name
+
+
+def is_trained(folder: Path) -> bool:
+    """Whether ``folder`` holds finished trained weights (its manifest was written last)."""
+    return (folder / TRAINED_MANIFEST).is_file()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / TRAINED_MANIFEST).read_text(encoding="utf-8"))
+
+
+def save_trained_weights(model: Any, tokenizer: Any, target: Path, manifest: dict[str, Any]) -> Path:
+    """Save ``model`` (a PEFT model is merged first) as safetensors with its tokenizer, atomically.
+
+    Written to a temporary folder beside ``target`` and renamed over it when complete; the old folder,
+    if any, is removed only after the new one is in place.
+    """
+    if hasattr(model, "merge_and_unload"):  # LoRA: the module's LM serves plain merged weights
+        model = model.merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / TRAINED_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        staging.chmod(0o755)
+        previous = None
+        if target.exists():
+            previous = target.with_name(f".{target.name}.old")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(target, previous)
+        os.replace(staging, target)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def lm_over(folder: Path, like: Any) -> Any:
+    """A new local ``dspy.LM`` over ``folder`` with the sampling settings (and engine settings) of ``like``."""
+    from apexdsp.lm.registry import get_lm
+
+    engine = getattr(like, "engine", None)
+    kwargs = dict(getattr(like, "kwargs", {}) or {})
+    return get_lm(str(folder), engine_config=getattr(engine, "config", None), **kwargs)
+
+
+def use_trained_lm(predictors: list[dspy.Predict], folder: Path, like: Any) -> Any:
+    """Point each predictor at one new LM over ``folder`` (they share its engine); returns the LM."""
+    lm = lm_over(folder, like)
+    for predictor in predictors:
+        predictor.lm = lm
+    return lm
+
+
+def copy_program(student: dspy.Module) -> dspy.Module:
+    """A deep copy of ``student`` (prompts, demos) whose predictors share the student's LM objects.
+
+    An LM holding a local engine (weights, a worker thread, locks) must not be deep-copied: the copy
+    would load a second model, or fail. The LMs are detached for the copy and re-attached to both.
+    """
+    predictors = [p for _, p in student.named_predictors()]
+    lms = [p.lm for p in predictors]
+    for predictor in predictors:
+        predictor.lm = None
+    try:
+        program = student.deepcopy()
+    finally:
+        for predictor, lm in zip(predictors, lms):
+            predictor.lm = lm
+    for (_, predictor), lm in zip(program.named_predictors(), lms, strict=True):
+        predictor.lm = lm
+    return program
+
+
+def trained_weights(program: dspy.Module) -> dict[str, Path]:
+    """``{predictor name: trained weights folder}`` for every predictor whose LM serves trained weights
+    (what a compiled-program save records next to the prompts)."""
+    found: dict[str, Path] = {}
+    for name, predictor in program.named_predictors():
+        engine = getattr(predictor.lm, "engine", None)
+        folder = getattr(engine, "model_dir", None)
+        if folder is not None and is_trained(Path(folder)):
+            found[name] = Path(folder)
+    return found
+
+
+__all__ = ["ModelNotTrainable", "TRAINED_MANIFEST", "copy_program", "is_trained", "lm_over", "module_lm",
+           "read_manifest", "save_trained_weights", "trainable_model_dir", "trained_weights", "use_trained_lm",
+           "weights_dir"]

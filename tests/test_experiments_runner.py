@@ -1,0 +1,128 @@
+"""The runner for real: rag over a BM25 index of real paragraphs, SmolLM2-135M, DSPy's LabeledFewShot stage.
+
+Two test questions keep each run to seconds; the assertions are about the runner's contract: steps cached by
+content hash, a finished experiment re-run does no work, a failed step resumes, one run at a time, a stage
+whose optimizer is missing fails clearly, and results computed without MLflow are logged later.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from apexdsp.errors import ApexError
+from apexdsp.experiments.runner import ExperimentRunner, experiment_lock
+from apexdsp.experiments.spec import load_spec
+from experiment_fixtures import write_tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+
+def runner_for(spec_path, cache):
+    return ExperimentRunner(load_spec(spec_path), spec_path, cache_root=cache)
+
+
+def evaluation_runs(experiment: str):
+    found = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    return [run for run in found if run.data.tags.get("apexdsp.step") == "evaluate"]
+
+
+def test_run_logs_parent_and_children_then_a_rerun_does_no_work(tmp_path, data_dir):
+    spec_path = write_tiny_experiment(tmp_path / "spec", data_dir)
+    cache = tmp_path / "cache"
+    summary = runner_for(spec_path, cache).run()
+    assert [(s.kind, s.label, s.status) for s in summary.steps] == [
+        ("compile", "labeled", "computed"), ("evaluate", "uncompiled", "computed"), ("evaluate", "labeled", "computed")]
+    for step in summary.steps:  # every step: artifacts, then result.json, in its own content-keyed folder
+        result = json.loads((cache / step.key / "result.json").read_text())
+        assert result["key"] == step.key and result["kind"] == step.kind
+    assert (cache / summary.steps[0].key / "program" / "program.json").is_file()
+    state = json.loads((cache / summary.steps[0].key / "program" / "program.json").read_text())
+    assert len(state["reader.generate"]["demos"]) == 2  # the stage really attached demos
+    report = json.loads((cache / summary.steps[1].key / "report.json").read_text())
+    assert report["n"] == 2 and 0 <= report["f1"] <= 1 and report["hit"] is not None
+
+    parent = mlflow.get_run(summary.parent_run_id)
+    assert parent.data.tags["apexdsp.kind"] == "experiment" and parent.data.params["program"] == "rag"
+    assert "em/labeled" in parent.data.metrics
+    children = mlflow.search_runs(experiment_names=["tiny"], output_format="list",
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+    assert sorted(c.data.tags["apexdsp.label"] for c in children) == ["labeled", "labeled", "uncompiled"]
+    runs_before = len(mlflow.search_runs(experiment_names=["tiny"], output_format="list"))
+
+    again = runner_for(spec_path, cache).run()
+    assert {s.status for s in again.steps} == {"cached"}
+    assert again.parent_run_id == summary.parent_run_id
+    assert len(mlflow.search_runs(experiment_names=["tiny"], output_format="list")) == runs_before
+
+
+def test_a_failed_step_resumes_without_redoing_finished_ones(tmp_path, data_dir, monkeypatch):
+    from apexdsp.experiments import steps
+
+    spec_path = write_tiny_experiment(tmp_path / "spec", data_dir)
+    cache = tmp_path / "cache"
+    real = steps.EvaluateStep.run
+    calls = []
+
+    def interrupted(self, context, work_dir):
+        calls.append(self.label)
+        if self.label == "labeled" and calls.count("labeled") == 1:
+            raise KeyboardInterrupt  # killed in the middle of the last step
+        return real(self, context, work_dir)
+
+    monkeypatch.setattr(steps.EvaluateStep, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner_for(spec_path, cache).run()
+    parent_runs = [r for r in mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+                   if r.data.tags.get("apexdsp.kind") == "experiment"]
+    assert len(parent_runs) == 1 and parent_runs[0].info.status == "FAILED"
+
+    summary = runner_for(spec_path, cache).run()
+    assert [s.status for s in summary.steps] == ["cached", "cached", "computed"]
+    assert calls == ["uncompiled", "labeled", "labeled"]
+    assert summary.parent_run_id == parent_runs[0].info.run_id  # the same parent run, now finished
+    assert mlflow.get_run(summary.parent_run_id).info.status == "FINISHED"
+    statuses = sorted(r.info.status for r in evaluation_runs("tiny"))
+    assert statuses.count("FINISHED") == 2 and len(statuses) == 3  # the interrupted one stays FAILED
+
+
+def test_two_runs_of_one_experiment_cannot_overlap(tmp_path, data_dir):
+    spec_path = write_tiny_experiment(tmp_path / "spec", data_dir)
+    cache = tmp_path / "cache"
+    with experiment_lock(cache, "tiny-rag"):
+        with pytest.raises(ApexError, match=r"experiment 'tiny-rag' is already running \(pid \d+"):
+            runner_for(spec_path, cache).run()
+    assert not any(cache.glob("evaluate-*"))  # nothing was computed by the refused run
+
+
+def test_a_stage_whose_optimizer_is_missing_fails_clearly_after_the_steps_before_it(tmp_path, data_dir, monkeypatch):
+    from apexdsp.experiments import stages
+
+    # A user's stage kind whose optimizer package is not installed.
+    target = "apexdsp_missing_plugin.optimizer:Distill"
+    monkeypatch.setitem(stages.STAGE_KINDS, "distill", stages.StageKind(
+        "distill", target, lambda p, s, c: stages.import_optimizer(target, "distill")(), "a plug-in optimizer"))
+    spec_path = write_tiny_experiment(tmp_path / "spec", data_dir, extra=(
+        '\n[[optimizer.stages]]\nkind = "distill"\n'))
+    runner = runner_for(spec_path, tmp_path / "cache")
+    with pytest.raises(ApexError, match=r"stage kind 'distill' needs apexdsp_missing_plugin.optimizer:Distill, which "
+                                        r"cannot be imported"):
+        runner.run(track=False)
+    done = {step.label: runner.is_done(step) for step in runner.steps if step.kind == "compile"}
+    assert done == {"labeled": True, "labeled+distill": False}  # no stand-in result for the missing stage
+
+
+def test_computed_without_tracking_then_logged_later(tmp_path, data_dir):
+    spec_path = write_tiny_experiment(tmp_path / "spec", data_dir, name="offline-rag", experiment="offline")
+    cache = tmp_path / "cache"
+    offline = runner_for(spec_path, cache).run(track=False)
+    assert offline.parent_run_id is None and [s.status for s in offline.steps] == ["computed"] * 3
+    assert mlflow.get_experiment_by_name("offline") is None
+
+    logged = runner_for(spec_path, cache).run(log_only=True)
+    assert [s.status for s in logged.steps] == ["cached"] * 3  # nothing recomputed, everything logged
+    runs = evaluation_runs("offline")
+    assert sorted(r.data.params["stage"] for r in runs) == ["labeled", "uncompiled"]
+    assert all("em" in r.data.metrics for r in runs)

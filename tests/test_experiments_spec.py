@@ -1,0 +1,101 @@
+"""Experiment specs: the checked-in specs load, and every kind of mistake is one line naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from apexdsp.errors import ApexError
+from apexdsp.experiments.spec import load_spec
+from apexdsp.experiments.steps import plan_steps
+from apexdsp.paths import repo_root
+from experiment_fixtures import write_tiny_experiment
+
+SPECS = sorted((repo_root() / "experiments" / "specs").glob("*.toml"))
+
+
+def test_every_dataset_program_pair_has_a_spec():
+    names = {path.stem for path in SPECS}
+    assert names == {f"{d}-{p}" for d in ("hotpotqa", "2wikimultihopqa", "musique")
+                     for p in ("rag", "apex", "opera", "qagent")}
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_checked_in_specs_load_and_plan_uncompiled_bootstrap_grpo(path, data_dir):
+    spec = load_spec(path)
+    assert spec.checkpoints() == ["uncompiled", "bootstrap", "bootstrap+grpo"]
+    assert spec.data.test.file.is_relative_to(data_dir)  # found in the shared data folder
+    kinds = [step.kind for step in plan_steps(spec)]
+    assert kinds == ["encoder", "index", "compile", "compile", "evaluate", "evaluate", "evaluate"]
+
+
+def test_specs_of_one_dataset_share_the_encoder_and_index_steps():
+    plans = [plan_steps(load_spec(path)) for path in SPECS if path.stem.startswith("musique-")]
+    assert len({plan[1].key for plan in plans}) == 1  # one index for the four programs
+    assert len({plan[-1].key for plan in plans}) == 4  # but four different evaluations
+
+
+def test_keys_change_with_the_data_and_only_downstream(tmp_path, data_dir):
+    spec_path = write_tiny_experiment(tmp_path, data_dir)
+    before = {s.label + s.kind: s.key for s in plan_steps(load_spec(spec_path))}
+    spec_path.write_text(spec_path.read_text().replace("settings = { k = 2 }", "settings = { k = 1 }"))
+    after = {s.label + s.kind: s.key for s in plan_steps(load_spec(spec_path))}
+    assert before["uncompiledevaluate"] == after["uncompiledevaluate"]
+    assert before["labeledcompile"] != after["labeledcompile"]
+    assert before["labeledevaluate"] != after["labeledevaluate"]
+
+
+BAD = [
+    ("unknown top-level key", ("[program]", "colour = 'red'\n[program]"), "colour: unknown key"),
+    ("unknown nested key", ('kind = "bm25"', 'kind = "bm25"\ncorpora = "x"'), "index.corpora: unknown key"),
+    ("wrong type", ("threads = 4", 'threads = "four"'), "evaluation.threads: Input should be a valid integer"),
+    ("missing file", ('corpus = "corpus.jsonl"', 'corpus = "nowhere.jsonl"'),
+     "index.corpus: file 'nowhere.jsonl' not found"),
+    ("unknown program", ('name = "rag"', 'name = "ragg"'), "program.name: unknown program 'ragg'"),
+    ("bad program option", ("answer_tokens = 12", "answer_tokenz = 12"), "program: program 'rag': bad option"),
+    ("unknown stage kind", ('kind = "labeled"', 'kind = "grop"'), "optimizer.stages[0].kind: unknown stage kind 'grop'"),
+    ("bad stage setting", ("settings = { k = 2 }", "settings = { kk = 2 }"),
+     "optimizer.stages[0]: settings.kk: unknown setting"),
+    ("unknown metric", ('metrics = ["em", "f1", "hit"]', 'metrics = ["em", "bleu"]'), "evaluation.metrics[1]"),
+    ("test overlaps train", ("offset = 2, limit = 2", "offset = 1, limit = 2"), "data: train overlaps test"),
+    ("unknown LM module", ("[program.options]", '[lm]\nmodules = { planner = "smollm2-135m" }\n[program.options]'),
+     "lm.modules.planner: program 'rag' has no module 'planner'"),
+    ("evaluation after unknown stage", ("threads = 4", 'threads = 4\nafter = ["grpo"]'),
+     "evaluation.after: 'grpo' is not 'uncompiled' or a stage"),
+    ("not toml", ("[program]", "[program"), "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "message"), BAD, ids=[case for case, _, _ in BAD])
+def test_bad_spec_is_one_line_naming_file_and_key(tmp_path, data_dir, case, edit, message):
+    spec_path = write_tiny_experiment(tmp_path, data_dir)
+    text = spec_path.read_text()
+    assert edit[0] in text
+    spec_path.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(ApexError) as error:
+        load_spec(spec_path)
+    text = str(error.value)
+    assert text.startswith(f"{spec_path.name}: ") and message in text and "\n" not in text, text
+
+
+def test_grpo_settings_are_checked_against_the_optimizer(tmp_path, data_dir):
+    spec_path = write_tiny_experiment(tmp_path, data_dir, extra=(
+        '\n[[optimizer.stages]]\nkind = "grpo"\nsettings = { module = "reader", reward = "nope" }\n'))
+    with pytest.raises(ApexError, match=r"optimizer.stages\[1\]: settings.reward: unknown reward 'nope'"):
+        load_spec(spec_path)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(ApexError, match="not found"):
+        load_spec(Path(tmp_path / "absent.toml"))
+
+
+def test_cli_reports_a_bad_spec_without_traceback(tmp_path, data_dir, capsys):
+    from apexdsp.cli import main
+
+    spec_path = write_tiny_experiment(tmp_path, data_dir)
+    spec_path.write_text(spec_path.read_text().replace('name = "rag"', 'name = "nope"'))
+    assert main(["run", str(spec_path)]) == 2
+    err = capsys.readouterr().err
+    assert "program.name: unknown program 'nope'" in err and "Traceback" not in err

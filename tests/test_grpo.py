@@ -1,0 +1,272 @@
+"""Module GRPO: real TRL runs on a tiny random-init Llama that speaks SmolLM2's tokenizer and chat template.
+
+The tiny model (2 layers, 32 dims) keeps each run to seconds while everything around it is real: DSPy's
+adapter formats the planner's prompts, TRL's GRPOTrainer samples and updates, the decomposition reward
+scores the parsed plans, MLflow stores the metrics in the test's own sqlite store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import dspy
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apexdsp.data.loaders import read_questions
+from apexdsp.errors import ApexError
+from apexdsp.lm.registry import get_lm
+from apexdsp.lm.adapter import TolerantChatAdapter
+from apexdsp.optimizers.grpo import ModuleGRPO, align_end_of_turn
+from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
+from apexdsp.optimizers.module_prompts import (ModulePromptCollector, chat_prompt_text, find_predictor,
+                                               format_messages)
+from apexdsp.optimizers.module_rewards import (AnswerModuleReward, DecompositionModuleReward, RewardError,
+                                               TRLRewardFunction, build_module_reward)
+from apexdsp.optimizers.schedule import ProgressiveSchedule, Stage, parse_stages
+from apexdsp.optimizers.trained_lm import ModelNotTrainable, trained_weights
+from apexdsp.programs.planner import Planner
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init 2-layer Llama with SmolLM2-135M's tokenizer and chat template (seconds to train)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from apexdsp.lm.gguf_models import ensure_converted
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(ensure_converted("smollm2-135m"))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def questions(data_dir):
+    return read_questions(data_dir / "hotpotqa" / "train.jsonl")[:4]
+
+
+class PlanOnly(dspy.Module):
+    """The smallest program with a real module: APEX's planner."""
+
+    def __init__(self):
+        super().__init__()
+        self.planner = Planner(max_tokens=16)
+
+    def forward(self, question: str):
+        return self.planner(question=question)
+
+
+@pytest.fixture
+def tiny_lm(tiny_model_dir):
+    lm = get_lm(str(tiny_model_dir), max_tokens=8)
+    with dspy.context(lm=lm, adapter=TolerantChatAdapter()):
+        yield lm
+
+
+def tiny_config(**overrides) -> ModuleGRPOConfig:
+    settings = dict(prompts_per_step=2, num_generations=2, max_completion_length=12, max_steps=2, save_steps=1,
+                    learning_rate=1e-3, num_threads=2)
+    settings.update(overrides)
+    return ModuleGRPOConfig(**settings)
+
+
+def test_prompts_are_what_dspy_sends(tiny_lm, questions):
+    """The training prompt is the adapter's format of the call, and its tokens are the engine's tokens."""
+    program = PlanOnly()
+    program(question=questions[0].question)
+    sent = tiny_lm.history[-1]["messages"]
+    name, predictor = find_predictor(program, "planner")
+    assert name == "planner.write_plan"
+    assert format_messages(predictor, {"question": questions[0].question}) == sent
+    engine = tiny_lm.engine
+    tokenizer = engine.tokenizer
+    text = chat_prompt_text(sent, tokenizer)
+    from dspy.lm15 import Message, Request
+
+    request = Request(model="x", system=sent[0]["content"], messages=(Message.user(sent[1]["content"]),))
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == engine.prompt_ids(request)[0]
+
+
+def test_collector_runs_the_program_for_downstream_modules(tiny_lm, questions):
+    program = PlanOnly()
+    prompts = ModulePromptCollector("planner.write_plan", direct=False, progress=False).collect(program, questions[:2])
+    assert [p.question.id for p in prompts] == [q.id for q in questions[:2]]
+    assert prompts[0].messages[-1]["content"].startswith("[[ ## question ## ]]")
+    with pytest.raises(ApexError, match="no module 'missing'"):
+        find_predictor(program, "missing")
+
+
+def test_reward_function_parses_logs_and_rejects_nan(tiny_lm, questions):
+    program = PlanOnly()
+    prompts = ModulePromptCollector("planner", progress=False).collect(program, questions[:1])
+    signature = program.planner.write_plan.signature
+    logged: dict[str, list[float]] = {}
+    reward = TRLRewardFunction(DecompositionModuleReward(), prompts, signature, TolerantChatAdapter())
+    good = "[[ ## plan ## ]]\n1. Who is the MP for Newark?\n2. When was #1 elected?\n\n[[ ## completed ## ]]"
+    values = reward(prompts=[None, None], completions=[good, "no plan here"], example_index=[0, 0],
+                    log_metric=lambda k, v: logged.setdefault(k, []).append(v))
+    assert values[0] > 0.3 and values[1] == 0.0  # an unparseable plan scores 0 through its format component
+    assert logged["parse_failure_rate"] == [0.5]
+    assert logged["components/format/mean"] == [0.5]
+
+    strict = DecompositionModuleReward(on_parse_failure=-1.0)
+    values = TRLRewardFunction(strict, prompts, signature, TolerantChatAdapter())(
+        prompts=[None], completions=["1. Who? 2. When was #1 born?"], example_index=[0])
+    assert values == [-1.0]
+
+    nan = TRLRewardFunction(build_module_reward(lambda q, out, text: math.nan), prompts, signature,
+                            TolerantChatAdapter())
+    with pytest.raises(RewardError, match="nan"):
+        nan(prompts=[None], completions=[good], example_index=[0])
+    broken = TRLRewardFunction(build_module_reward(lambda q, out, text: 1 / 0), prompts, signature,
+                               TolerantChatAdapter())
+    with pytest.raises(RewardError, match="ZeroDivisionError"):
+        broken(prompts=[None], completions=[good], example_index=[0])
+
+
+def test_answer_reward_uses_the_matching_gold_step():
+    from apexdsp.data.records import DecompositionStep, Question
+    from apexdsp.optimizers.module_prompts import ModulePrompt
+
+    question = Question(id="m", question="When was the director of Jaws born?", answer="1946",
+                        decomposition=[DecompositionStep(question="Who directed Jaws?", answer="Steven Spielberg"),
+                                       DecompositionStep(question="When was #1 born?", answer="1946")])
+    call = ModulePrompt("executor.analyze", question, {"question": "Who directed Jaws?", "passages": ""}, [])
+    scores = AnswerModuleReward(kind="em").score([call, call], [{"answer": "Steven Spielberg"}, {"answer": "1946"}],
+                                                  ["", ""])
+    assert [s.value for s in scores] == [1.0, 0.0]
+
+
+def test_grpo_trains_the_module_and_logs_to_mlflow(tiny_lm, tiny_model_dir, questions, tmp_path):
+    student = PlanOnly()
+    optimizer = ModuleGRPO(tmp_path / "out", tiny_config())
+    trained = optimizer.compile(student, trainset=questions, module="planner", reward="decomposition")
+    result = optimizer.result
+
+    weights = tmp_path / "out" / "weights" / "planner.write_plan"
+    assert result.weights == weights and (weights / "model.safetensors").is_file()
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(weights / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "GRPO left every weight as it was"
+    # The module calls a new LM over the trained folder; the student keeps the configured LM.
+    assert trained.planner.write_plan.lm.engine.model_dir == weights.resolve()
+    assert student.planner.write_plan.lm is None
+    assert trained_weights(trained) == {"planner.write_plan": weights.resolve()}
+    assert trained(question=questions[0].question).plan.steps  # the trained module still runs
+
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(result.run_id)
+    for key in ("reward", "reward_std", "kl", "completions/mean_length", "parse_failure_rate",
+                "components/format/mean", "frac_reward_zero_std", "time/generation_s", "time/reward_s",
+                "time/loss_backward_s", "zero_std/mean_fraction"):
+        assert key in run.data.metrics, key
+    assert [m.step for m in client.get_metric_history(result.run_id, "reward")] == [1, 2]
+    artifacts = [a.path for a in client.list_artifacts(result.run_id)]
+    assert "reward_curve.png" in artifacts
+    assert run.data.params["module"] == "planner.write_plan"
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tiny_lm, questions, tmp_path):
+    calls = {"n": 0}
+
+    def interrupting(question, outputs, completion):
+        calls["n"] += 1
+        if calls["n"] > 4:  # step 2 (2 prompts x 2 completions per step)
+            raise KeyboardInterrupt
+        return float(len(completion) % 3)
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        ModuleGRPO(out, tiny_config()).compile(PlanOnly(), trainset=questions, module="planner", reward=interrupting)
+    assert (out / "grpo" / "planner.write_plan" / "checkpoints" / "checkpoint-1").is_dir()
+    assert not (out / "weights" / "planner.write_plan").exists()  # nothing half-written
+
+    steps = []
+
+    def counting(question, outputs, completion):
+        steps.append(1)
+        return float(len(completion) % 3)
+
+    optimizer = ModuleGRPO(out, tiny_config())
+    optimizer.compile(PlanOnly(), trainset=questions, module="planner", reward=counting)
+    assert optimizer.result.steps == 2
+    assert len(steps) == 4  # only step 2 was run again: step 1 came from the checkpoint
+    saved = json.loads((out / "grpo" / "planner.write_plan" / "result.json").read_text())
+    assert [row["step"] for row in saved["history"] if "reward" in row] == [1, 2]
+
+
+def test_constant_reward_is_reported_as_no_signal(tiny_lm, questions, tmp_path):
+    optimizer = ModuleGRPO(tmp_path / "out", tiny_config(max_steps=1))
+    optimizer.compile(PlanOnly(), trainset=questions, module="planner", reward=lambda q, out, text: 1.0)
+    result = optimizer.result
+    assert result.zero_std["zero_std/mean_fraction"] == 1.0
+    assert result.warnings and "no learning signal" in result.warnings[0]
+    tags = mlflow.tracking.MlflowClient().get_run(result.run_id).data.tags
+    assert "no learning signal" in tags["apexdsp.zero_signal_warning"]
+
+
+def test_nan_reward_stops_training_with_a_clear_error(tiny_lm, questions, tmp_path):
+    with pytest.raises(RewardError, match="returned nan on module 'planner.write_plan'"):
+        ModuleGRPO(tmp_path / "out", tiny_config()).compile(PlanOnly(), trainset=questions, module="planner",
+                                                            reward=lambda q, out, text: float("nan"))
+    assert not (tmp_path / "out" / "weights").exists()
+
+
+def test_remote_lm_cannot_be_trained(questions, tmp_path):
+    program = PlanOnly()
+    program.planner.write_plan.lm = dspy.LM("openai/gpt-4o-mini")
+    with pytest.raises(ModelNotTrainable, match="served remotely"):
+        ModuleGRPO(tmp_path / "out").compile(program, trainset=questions, module="planner", reward="decomposition")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_and_schedule_validation(tmp_path):
+    with pytest.raises(ApexError, match="num_generations"):
+        ModuleGRPOConfig(num_generations=1)
+    with pytest.raises(ApexError, match="vllm_server_base_url"):
+        ModuleGRPOConfig(use_vllm=True, vllm_mode="server")
+    trl_config = ModuleGRPOConfig(prompts_per_step=3, num_generations=4, use_lora=True).to_trl(tmp_path)
+    assert (trl_config.per_device_train_batch_size, trl_config.num_generations) == (12, 4)
+    assert trl_config.use_cpu and trl_config.report_to == []
+    assert ModuleGRPOConfig(use_lora=True).lora().r == 16
+    stages = parse_stages("bootstrap+grpo(planner.write_plan)+grpo(executor.analyze:answer)+sft(executor)")
+    assert [(s.kind, s.module, s.resolved_reward() if s.kind == "grpo" else None) for s in stages] == [
+        ("grpo", "planner.write_plan", "decomposition"), ("grpo", "executor.analyze", "answer"),
+        ("sft", "executor", None)]
+    with pytest.raises(ApexError, match="bad stage"):
+        parse_stages("grpo(planner")
+
+
+def test_schedule_trains_stages_in_order_and_skips_finished_ones(tiny_lm, questions, tmp_path):
+    stages = [Stage("grpo", "planner", "decomposition", name="stage1", grpo=tiny_config(max_steps=1)),
+              Stage("grpo", "planner", "decomposition", name="stage2", grpo=tiny_config(max_steps=1))]
+    schedule = ProgressiveSchedule(stages, tmp_path / "out")
+    trained = schedule.compile(PlanOnly(), trainset=questions)
+    first, second = schedule.results
+    assert trained.planner.write_plan.lm.engine.model_dir == second.weights.resolve()
+    manifest = json.loads((second.weights / "apexdsp-trained.json").read_text())
+    assert manifest["base_model"] == str(first.weights.resolve())  # stage 2 started from stage 1's weights
+    again = ProgressiveSchedule(stages, tmp_path / "out")
+    again.compile(PlanOnly(), trainset=questions)
+    assert all(r.reused for r in again.results)
+
+
+def test_end_of_turn_token_is_the_models():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from apexdsp.lm.gguf_models import ensure_converted
+
+    folder = ensure_converted("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = type("M", (), {"generation_config": AutoModelForCausalLM.from_pretrained(folder).generation_config})
+    align_end_of_turn(tokenizer, model)
+    assert tokenizer.eos_token == "<|im_end|>"
