@@ -133,9 +133,13 @@ def _bootstrap(program: Any, settings: dict[str, Any], context: StageContext) ->
 _GRPO_CALL = ("module", "reward", "reward_options", "name")
 
 
-def _check_trainer(kind: str, config_target: str, settings: dict[str, Any]) -> None:
-    if "module" not in settings:
+def _check_trainer(kind: str, settings: dict[str, Any], call_keys: tuple[str, ...]) -> None:
+    """Settings of a weight-training stage: its reward by name, the rest accepted by its config class."""
+    if kind == "grpo" and "module" not in settings:
         raise ValueError("module: required (the module whose LM is trained)")
+    modules = settings.get("modules", ["executor"])
+    if kind == "sft" and (not isinstance(modules, list) or not all(isinstance(m, str) for m in modules)):
+        raise ValueError("modules: a list of module names, e.g. [\"executor\"]")
     reward = settings.get("reward")
     if isinstance(reward, str):
         import apexdsp.rewards  # noqa: F401 - registers the built-in rewards
@@ -144,11 +148,11 @@ def _check_trainer(kind: str, config_target: str, settings: dict[str, Any]) -> N
         if reward not in REWARDS:
             raise ValueError(f"reward: unknown reward {reward!r}; known: {', '.join(sorted(REWARDS))}")
     try:
-        config_class = import_optimizer(config_target, kind)
+        config_class = import_optimizer(STAGE_KINDS[kind].config, kind)
     except StageUnavailable:
         return  # checked when the stage runs (and fails there with the import error)
     try:
-        config_class(**{k: v for k, v in settings.items() if k not in _GRPO_CALL})
+        config_class(**{k: v for k, v in settings.items() if k not in call_keys})
     except (TypeError, ApexError) as error:
         raise ValueError(str(error)) from None
 
@@ -190,20 +194,6 @@ def _trainer_stage(kind: str, program: Any, settings: dict[str, Any], context: S
 _SFT_CALL = ("modules", "reward", "min_reward", "name")
 
 
-def _check_sft(settings: dict[str, Any]) -> None:
-    modules = settings.get("modules", ["executor"])
-    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise ValueError("modules: a list of module names, e.g. [\"executor\"]")
-    try:
-        config_class = import_optimizer(STAGE_KINDS["sft"].config, "sft")
-    except StageUnavailable:
-        return
-    try:
-        config_class(**{k: v for k, v in settings.items() if k not in _SFT_CALL})
-    except (TypeError, ApexError) as error:
-        raise ValueError(str(error)) from None
-
-
 def _sft_stage(program: Any, settings: dict[str, Any], context: StageContext) -> Any:
     """APEX-Searcher's executor SFT: imitate the program's own high-reward trajectories."""
     optimizer_class = import_optimizer(STAGE_KINDS["sft"].optimizer, "sft")
@@ -227,11 +217,11 @@ STAGE_KINDS: dict[str, StageKind] = {
                       lambda p, s, c: _trainer_stage("grpo", p, s, c),
                       "GRPO on one module's LM with that module's reward (issue 6)",
                       config="apexdsp.optimizers.grpo_config:ModuleGRPOConfig",
-                      check=lambda settings: _check_trainer("grpo", "apexdsp.optimizers.grpo_config:ModuleGRPOConfig",
-                                                            settings)),
+                      check=lambda settings: _check_trainer("grpo", settings, _GRPO_CALL)),
     "sft": StageKind("sft", "apexdsp.optimizers.sft:ModuleSFT", _sft_stage,
                      "supervised fine-tuning of the executor on high-reward trajectories (issue 6)",
-                     config="apexdsp.optimizers.sft:SFTStageConfig", check=_check_sft),
+                     config="apexdsp.optimizers.sft:SFTStageConfig",
+                     check=lambda settings: _check_trainer("sft", settings, _SFT_CALL)),
     "labeled": StageKind("labeled", "dspy:LabeledFewShot", _labeled,
                          "DSPy's LabeledFewShot: k gold question/answer demos per module", check=_check_labeled),
 }

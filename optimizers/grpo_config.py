@@ -28,7 +28,27 @@ from apexdsp.errors import ApexError
 
 
 @dataclass
-class ModuleGRPOConfig:
+class LoraOptions:
+    """Full fine-tuning (default) or LoRA adapters; shared by the GRPO and SFT stage configs."""
+
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def lora(self) -> Any:
+        """The ``peft.LoraConfig`` when ``use_lora``, else ``None`` (full fine-tuning)."""
+        if not self.use_lora:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=list(self.lora_target_modules), task_type="CAUSAL_LM")
+
+
+@dataclass
+class ModuleGRPOConfig(LoraOptions):
     """One module's GRPO run. Field names follow ``trl.GRPOConfig`` where they map one to one."""
 
     # What one step is: prompts x completions each (TRL's per-device batch counts completions).
@@ -47,12 +67,7 @@ class ModuleGRPOConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     seed: int = 0
-    # Full fine-tuning or LoRA
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Full fine-tuning or LoRA: see LoraOptions
     # Bookkeeping
     logging_steps: int = 1
     save_steps: int = 10  # checkpoints an interrupted run resumes from
@@ -132,14 +147,4 @@ class ModuleGRPOConfig:
         settings.update(self.trl_overrides)
         return GRPOConfig(**settings)
 
-    def lora(self) -> Any:
-        """The ``peft.LoraConfig`` when ``use_lora``, else ``None`` (full fine-tuning)."""
-        if not self.use_lora:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=list(self.lora_target_modules), task_type="CAUSAL_LM")
-
-
-__all__ = ["ModuleGRPOConfig"]
+__all__ = ["LoraOptions", "ModuleGRPOConfig"]

@@ -24,6 +24,7 @@ from dspy.teleprompt import Teleprompter
 
 from apexdsp.errors import ApexError
 from apexdsp.optimizers.grpo import COMPILE_EXPERIMENT, _has_active_run, _last_checkpoint, align_end_of_turn
+from apexdsp.optimizers.grpo_config import LoraOptions
 from apexdsp.optimizers.grpo_tracking import MlflowStepLogger
 from apexdsp.optimizers.module_prompts import as_questions, current_adapter, format_messages
 from apexdsp.optimizers.trained_lm import (copy_program, is_trained, module_lm, save_trained_weights,
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTStageConfig:
+class SFTStageConfig(LoraOptions):
     """Settings of one SFT stage; the TRL fields that matter, CPU-sane defaults (see ``grpo_config`` for GPU)."""
 
     learning_rate: float = 2e-5
@@ -43,10 +44,7 @@ class SFTStageConfig:
     batch_size: int = 4
     max_length: int = 1024
     seed: int = 0
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_dropout: float = 0.0  # peft's default; the other LoRA settings: see LoraOptions
     save_steps: int = 50
     save_total_limit: int = 2
     resume: bool = True
@@ -68,14 +66,6 @@ class SFTStageConfig:
                         bf16=self.dtype == "bfloat16", fp16=False, dataloader_num_workers=0)
         settings.update(self.trl_overrides)
         return SFTConfig(**settings)
-
-    def lora(self) -> Any:
-        if not self.use_lora:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=list(self.lora_target_modules),
-                          task_type="CAUSAL_LM")
 
 
 @dataclass
