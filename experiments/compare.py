@@ -10,6 +10,7 @@ compared runs, which a later compare of the same runs updates instead of adding 
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,9 @@ def comparison(runs: list[ComparedRun], metrics: list[str]) -> dict[str, Any]:
                       "metrics": {metric: run.metrics.get(metric) for metric in metrics}} for run in runs]}
 
 
+REWARD_CURVE = re.compile(r"^(reward|rewards/[^/]+/mean)$")
+
+
 def reward_histories(runs: list[ComparedRun]) -> dict[str, list[tuple[int, float]]]:
     """Reward metrics logged at several steps by the runs of the compared experiments (GRPO stages)."""
     client = _client()
@@ -128,7 +132,7 @@ def reward_histories(runs: list[ComparedRun]) -> dict[str, list[tuple[int, float
     for experiment_id in sorted({run.experiment_id for run in runs}):
         for run in client.search_runs([experiment_id], max_results=5000):
             for key in run.data.metrics:
-                if "reward" not in key:
+                if not REWARD_CURVE.match(key):  # the mean reward and its components, not spreads or timings
                     continue
                 history = client.get_metric_history(run.info.run_id, key)
                 if len(history) > 1:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -156,46 +155,14 @@ class RunContext:
 
 
 def save_program(program: Any, folder: Path, context: RunContext, info: dict[str, Any]) -> None:
-    """A compiled program directory (issue 5's format: JSON state + manifest), with trained weights inside.
-
-    Weights a stage trained (``weights/<predictor>/``, issue 6) are copied (hard links where possible) into
-    the directory and bound in the manifest, so each compiled directory is complete on its own. LM state is
-    not kept in ``program.json``: LMs come from the spec and the manifest's bindings when loaded.
-    """
-    import shutil
-
+    """A compiled program directory (JSON state + manifest, and the weights a stage trained: see
+    :func:`apexdsp.optimizers.compiled.save_compiled`)."""
     compiled = _compiled_api()
-    from apexdsp.optimizers.trained_lm import trained_weights
-
     spec = context.spec
     index = compiled.index_ref(context.index_dir) if spec.index and spec.index.kind == "colbert" else None
     if spec.index is not None and spec.index.reuse is not None:
         index = compiled.index_ref(spec.index.reuse)
     compiled.save_compiled(program, folder, lm=spec.lm.default, index=index, optimizer=info)
-    state_file = folder / compiled.STATE_FILE
-    state = json.loads(state_file.read_text())
-    for value in state.values():
-        if isinstance(value, dict) and "lm" in value:
-            value["lm"] = None
-    write_json_atomic(state, state_file)
-    weights = trained_weights(program)
-    if weights:
-        manifest_file = folder / compiled.MANIFEST_FILE
-        manifest = compiled.CompiledManifest.model_validate_json(manifest_file.read_text())
-        for name, source in weights.items():
-            target = folder / "weights" / name
-            shutil.copytree(source, target, copy_function=_link_or_copy, dirs_exist_ok=True)
-            manifest.modules[name].weights = f"weights/{name}"
-        write_json_atomic(manifest.model_dump(), manifest_file)
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    import shutil
-
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def load_program(context: RunContext, folder: Path | None) -> Any:

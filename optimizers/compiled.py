@@ -136,6 +136,8 @@ def save_compiled(program: dspy.Module, directory: str | os.PathLike[str], *, lm
     Refuses to replace a directory that is not a compiled program (no manifest), so a typo in ``--out``
     cannot delete unrelated files.
     """
+    from apexdsp.optimizers.trained_lm import trained_weights
+
     target = Path(directory).expanduser().resolve()
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST_FILE).exists())):
         raise ApexError(f"{target} exists and is not a compiled program; choose another --out")
@@ -151,12 +153,34 @@ def save_compiled(program: dspy.Module, directory: str | os.PathLike[str], *, lm
     staging.mkdir()
     try:
         program.save(str(staging / STATE_FILE))
+        _detach_lms(staging / STATE_FILE)
+        for name, source in trained_weights(program).items():  # stage 2+: the modules' own trained weights
+            shutil.copytree(source, staging / "weights" / name, copy_function=_link_or_copy)
+            manifest.modules[name].weights = f"weights/{name}"
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(), indent=2, default=str))
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _detach_lms(state_file: Path) -> None:
+    """Drop the per-predictor LM settings from the saved state: a loaded program's LMs come from the
+    manifest's bindings (and its weights folders), not from paths on the machine that compiled it."""
+    state = json.loads(state_file.read_text())
+    for value in state.values():
+        if isinstance(value, dict) and value.get("lm") is not None:
+            value["lm"] = None
+    state_file.write_text(json.dumps(state, indent=2, default=str))
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """Hard-link a weights file into the compiled directory where the filesystem allows, else copy it."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

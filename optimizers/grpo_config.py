@@ -55,6 +55,10 @@ class ModuleGRPOConfig(LoraOptions):
     prompts_per_step: int = 4
     num_generations: int = 4
     max_completion_length: int = 64
+    # Sequences per forward/backward pass (None: one prompt's group). The step's prompts x generations are
+    # generated together, then trained in micro-batches with gradient accumulation: activation memory grows
+    # with the micro-batch, and a whole step in one pass (16 sequences of 800 tokens) needs over 11 GB on CPU.
+    micro_batch_size: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     # Optimisation
@@ -105,14 +109,21 @@ class ModuleGRPOConfig(LoraOptions):
 
         return not torch.cuda.is_available()
 
+    def micro_batch(self) -> int:
+        size = self.micro_batch_size or self.num_generations
+        total = self.prompts_per_step * self.num_generations
+        if total % size:
+            raise ApexError(f"micro_batch_size {size} must divide prompts_per_step x num_generations = {total}")
+        return size
+
     def to_trl(self, output_dir: str | Path) -> Any:
         """The ``trl.GRPOConfig`` for a run writing checkpoints under ``output_dir``."""
         from trl import GRPOConfig
 
         settings: dict[str, Any] = dict(
             output_dir=str(output_dir),
-            per_device_train_batch_size=self.prompts_per_step * self.num_generations,
-            gradient_accumulation_steps=1,
+            per_device_train_batch_size=self.micro_batch(),
+            gradient_accumulation_steps=self.prompts_per_step * self.num_generations // self.micro_batch(),
             num_generations=self.num_generations,
             max_completion_length=self.max_completion_length,
             temperature=self.temperature,

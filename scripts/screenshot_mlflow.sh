@@ -6,7 +6,7 @@
 # Starts `mlflow server` on 127.0.0.1 (a free port) over the store (default: the project's
 # sqlite:///.apexdsp/mlflow.db), finds the experiment's finished evaluation runs through the REST API,
 # opens #/compare-runs?runs=[...] in headless Chromium (Debian package `chromium`) and writes the PNG.
-# The server is stopped on exit.
+# The server is stopped on exit. WINDOW=W,H sets the page size (default 1600,2600: plots, params, metrics).
 set -euo pipefail
 EXPERIMENT="${1:?usage: $0 EXPERIMENT [OUT.png] [BACKEND_STORE_URI]}"
 OUT="${2:-mlflow-compare-${EXPERIMENT}.png}"
@@ -50,6 +50,6 @@ print(f"{url}/#/compare-runs?{query}")
 PYEOF
 )"
 echo "page: $PAGE" >&2
-"$CHROMIUM" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1100 \
+"$CHROMIUM" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size="${WINDOW:-1600,2600}" \
   --virtual-time-budget=20000 --screenshot="$OUT" "$PAGE" 2>/dev/null
 echo "$OUT"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from apexdsp.experiments.quickstart import paragraph_corpus
+
 TINY_SPEC = """
 name = "{name}"
 experiment = "{experiment}"
@@ -38,12 +40,7 @@ def write_tiny_experiment(folder: Path, data_dir: Path, name: str = "tiny-rag", 
     folder.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "hotpotqa" / "dev.jsonl") as handle:
         questions = [json.loads(line) for _, line in zip(range(4), handle)]
-    seen, rows = set(), []
-    for question in questions:
-        for paragraph in question["paragraphs"]:
-            if paragraph["title"] not in seen:
-                seen.add(paragraph["title"])
-                rows.append({"id": f"p{len(rows)}", "title": paragraph["title"], "text": paragraph["text"]})
+    rows = paragraph_corpus(questions)
     (folder / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (folder / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     spec = folder / f"{name}.toml"

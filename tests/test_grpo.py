@@ -235,7 +235,11 @@ def test_config_and_schedule_validation(tmp_path):
     with pytest.raises(ApexError, match="vllm_server_base_url"):
         ModuleGRPOConfig(use_vllm=True, vllm_mode="server")
     trl_config = ModuleGRPOConfig(prompts_per_step=3, num_generations=4, use_lora=True).to_trl(tmp_path)
-    assert (trl_config.per_device_train_batch_size, trl_config.num_generations) == (12, 4)
+    # one prompt's group per micro-batch, the step's 12 sequences accumulated
+    assert (trl_config.per_device_train_batch_size, trl_config.gradient_accumulation_steps,
+            trl_config.num_generations, trl_config.generation_batch_size) == (4, 3, 4, 12)
+    with pytest.raises(ApexError, match="micro_batch_size 5 must divide"):
+        ModuleGRPOConfig(prompts_per_step=3, num_generations=4, micro_batch_size=5).to_trl(tmp_path)
     assert trl_config.use_cpu and trl_config.report_to == []
     assert ModuleGRPOConfig(use_lora=True).lora().r == 16
     stages = parse_stages("bootstrap+grpo(planner.write_plan)+grpo(executor.analyze:answer)+sft(executor)")

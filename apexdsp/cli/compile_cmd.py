@@ -26,7 +26,9 @@ def register(app: typer.Typer) -> None:
 
 def compile_program(
     program: Annotated[str, typer.Option(help="Program name: rag, apex, opera, qagent, vanilla.")] = "apex",
-    optimizer: Annotated[str, typer.Option(help="Optimizer (stage 1: bootstrap).")] = "bootstrap",
+    optimizer: Annotated[str, typer.Option(help=(
+        "Stages, '+'-separated: bootstrap, then weight stages such as grpo(planner), "
+        "grpo(executor.analyze:answer), sft(executor); e.g. 'bootstrap+grpo(planner)'."))] = "bootstrap",
     index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
     trainset: Annotated[Path, typer.Option(help="Training questions JSONL.")] = Path(
         "../shared/data/hotpotqa/train.jsonl"),
@@ -42,6 +44,7 @@ def compile_program(
     candidates: Annotated[int, typer.Option(min=1, help="Candidate demo sets tried on the valset.")] = 3,
     max_demos: Annotated[int, typer.Option(min=0, help="Demos per predictor (the planner gets --max-plan-demos).")] = 2,
     max_plan_demos: Annotated[int, typer.Option(min=0, help="Demos for the planner.")] = 4,
+    max_answer_demos: Annotated[Optional[int], typer.Option(min=0, help="Demos for the answer step (default --max-demos).")] = None,
     metric: Annotated[str, typer.Option(help="Selection metric: em, f1, hit, decomposition.")] = "em",
     min_answer_f1: Annotated[float, typer.Option(help="Trace gate: answer F1 at least this ...")] = 0.5,
     accept_hit: Annotated[bool, typer.Option(help="... or the gold answer is in the retrieved documents.")] = True,
@@ -49,6 +52,8 @@ def compile_program(
     min_final_answer_f1: Annotated[float, typer.Option(help="Answer-step demos: answer F1 at least.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the candidate sampling.")] = 0,
     score_zero_shot: Annotated[bool, typer.Option(help="Also score the program without demos on the valset.")] = True,
+    grpo_steps: Annotated[int, typer.Option(min=1, help="GRPO steps per weight stage.")] = 20,
+    grpo_beta: Annotated[float, typer.Option(min=0, help="GRPO KL weight (0 skips the reference model).")] = 0.04,
     track: Annotated[bool, typer.Option(help="Log the compile to MLflow.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
@@ -60,13 +65,12 @@ def compile_program(
     from apexdsp.programs.registry import build_program
     from apexdsp.runtime import configure_dspy
 
-    if optimizer != "bootstrap":
-        raise ApexError(f"unknown optimizer {optimizer!r}; known: bootstrap")
+    stages = weight_stages(optimizer, grpo_steps, grpo_beta)
     try:
         config = BootstrapConfig(
             gates=DemoGates(min_answer_f1=min_answer_f1, accept_hit=accept_hit, min_plan_reward=min_plan_reward,
                             min_final_answer_f1=min_final_answer_f1),
-            max_demos=max_demos, max_demos_by_signature={"WritePlan": max_plan_demos}, num_candidates=candidates,
+            max_demos=max_demos, max_demos_by_signature=demo_budgets(max_plan_demos, max_answer_demos), num_candidates=candidates,
             metric=metric, seed=seed, threads=threads, score_zero_shot=score_zero_shot)
     except ValueError as error:
         raise ApexError(f"bad compile option: {str(error).splitlines()[-1].strip()}") from None
@@ -100,6 +104,16 @@ def compile_program(
     optimizer_info = {"name": "bootstrap", "config": config.model_dump(), "seconds": seconds,
                       "report": report.model_dump()}
     save_compiled(compiled, out, lm=lm, index=index_ref(index), data=data, optimizer=optimizer_info)
+    if stages:  # the bootstrapped program is saved first: a failed weight stage never loses it
+        from apexdsp.optimizers.schedule import ProgressiveSchedule
+
+        schedule = ProgressiveSchedule(stages, out.parent / f".{out.name}.stages", retriever=retriever,
+                                       experiment=COMPILE_EXPERIMENT)
+        with contextlib.redirect_stdout(sys.stderr):
+            compiled = schedule.compile(compiled, trainset=train)
+        seconds = time.perf_counter() - started
+        optimizer_info.update(name=optimizer, seconds=seconds, stages=[_stage_summary(r) for r in schedule.results])
+        save_compiled(compiled, out, lm=lm, index=index_ref(index), data=data, optimizer=optimizer_info)
     checkpoint.unlink(missing_ok=True)
     summary = {"program": program, "out": str(out), "compile_seconds": round(seconds, 1),
                "chosen": report.best()["label"], "val_" + metric: report.best()["metric"],
@@ -164,3 +178,32 @@ def _print(report, summary) -> None:
     out.print(f"traces passed: {report.passed} of {report.train_examples}; demos: {summary['demos']}")
     out.print(f"saved: {summary['out']} ({summary['compile_seconds']} s)"
               + (f"   MLflow run: {summary['mlflow_run_id']}" if "mlflow_run_id" in summary else ""))
+
+
+def demo_budgets(plan_demos: int, answer_demos: int | None) -> dict[str, int]:
+    """Per-signature demo counts: the planner's, and the answer step's when it differs from the default."""
+    budgets = {"WritePlan": plan_demos}
+    if answer_demos is not None:
+        budgets.update({"AnswerFromFindings": answer_demos, "AnswerFromPassages": answer_demos})
+    return budgets
+
+
+def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float) -> list:
+    """The weight-training stages after ``bootstrap`` in ``--optimizer`` (none for plain ``bootstrap``)."""
+    from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
+    from apexdsp.optimizers.schedule import parse_stages
+
+    parts = [p.strip() for p in optimizer.split("+") if p.strip()]
+    if not parts or parts[0] != "bootstrap":
+        raise ApexError(f"--optimizer {optimizer!r}: start with 'bootstrap' (e.g. 'bootstrap+grpo(planner)')")
+    if len(parts) == 1:
+        return []
+    return parse_stages("+".join(parts[1:]), ModuleGRPOConfig(max_steps=grpo_steps, beta=grpo_beta))
+
+
+def _stage_summary(result) -> dict:
+    """What the manifest keeps of one weight stage (GRPO result or SFT examples)."""
+    if isinstance(result, list):
+        return {"kind": "sft", "examples": len(result)}
+    return {"kind": "grpo", "module": result.module, "steps": result.steps, "seconds": round(result.seconds, 1),
+            "reward_first": result.reward_first, "reward_last": result.reward_last, "timing": result.timing}

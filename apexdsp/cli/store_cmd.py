@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -19,20 +19,26 @@ def register(app: typer.Typer) -> None:
 
 
 def quickstart(
-    limit: Annotated[int, typer.Option(min=1, help="HotpotQA dev questions to answer.")] = 20,
-    lm: Annotated[str, typer.Option(help="LM name.")] = "smollm2-135m",
+    folder: Annotated[Optional[Path], typer.Option(help="Where to write the experiment (default .apexdsp/quickstart).")] = None,
+    test: Annotated[int, typer.Option(min=1, help="HotpotQA dev questions to evaluate on.")] = 24,
+    grpo_steps: Annotated[int, typer.Option(min=1, help="GRPO steps on the planner.")] = 2,
 ) -> None:
-    """Answer HotpotQA dev questions closed-book with the local LM and log the run to MLflow."""
-    from apexdsp.cli.eval_cmd import evaluate
-    from apexdsp.paths import shared_data_dir
+    """Write and run a small real experiment (encoder, index, apex uncompiled / bootstrap / +GRPO), then
+    compare its runs. Re-running it reuses every finished step."""
+    from apexdsp.cli.compare_cmd import compare
+    from apexdsp.cli.run_cmd import run
+    from apexdsp.experiments.quickstart import QuickstartSize, write_quickstart
+    from apexdsp.paths import cache_dir, shared_data_dir
     from apexdsp.tracking import default_tracking_uri
 
-    questions = shared_data_dir() / "hotpotqa" / "dev.jsonl"
-    console.rule(f"quickstart: vanilla {lm} on {limit} HotpotQA dev questions")
-    evaluate(program="vanilla", questions=questions, index=None, lm=lm, limit=limit, threads=8, cache=False,
-             track=True, as_json=False)
+    spec = write_quickstart(folder or cache_dir("quickstart"), shared_data_dir(),
+                            QuickstartSize(test=test, grpo_steps=grpo_steps))
+    console.rule(f"quickstart: {spec}")
+    run(spec=spec, track=True, log_only=False, check=False, cache_dir=None, as_json=False)
+    console.rule("comparison")
+    compare(run_ids=None, experiment="quickstart", metric="em,f1,hit", plots=True, out=None, as_json=False)
     console.print(f"\nRuns are in the MLflow store {default_tracking_uri()}.\nOpen the UI with: "
-                  "[bold].venv/bin/apexdsp ui[/] (then http://127.0.0.1:5000)")
+                  "[bold].venv/bin/apexdsp ui[/] (then http://127.0.0.1:5000, experiment 'quickstart')")
 
 
 def ui(

@@ -1,7 +1,7 @@
 """MLflow tracking: every evaluation, compile and index job is one run with provenance attached."""
 
 from apexdsp.tracking.provenance import data_file_params, file_sha256, git_commit
-from apexdsp.tracking.run import TrackedRun, tracked_run, write_json_atomic
+from apexdsp.tracking.run import TrackedRun, tracked_run, write_json_atomic, write_text_atomic
 from apexdsp.tracking.store import configure_tracking, default_tracking_uri, ensure_experiment
 
 
@@ -17,5 +17,5 @@ def enable_dspy_tracing(experiment: str | None = None) -> None:
 
 __all__ = [
     "TrackedRun", "configure_tracking", "data_file_params", "default_tracking_uri", "enable_dspy_tracing",
-    "ensure_experiment", "file_sha256", "git_commit", "tracked_run", "write_json_atomic",
+    "ensure_experiment", "file_sha256", "git_commit", "tracked_run", "write_json_atomic", "write_text_atomic",
 ]

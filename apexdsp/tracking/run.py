@@ -118,18 +118,23 @@ def tracked_run(
         yield run
 
 
-def write_json_atomic(obj: Any, path: str | Path) -> Path:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``: readers never see half a file."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``: readers never see half a file."""
     import os
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
                                      delete=False, encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, ensure_ascii=False, default=str)
+        handle.write(text)
         tmp = handle.name
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> Path:
+    """Write JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def _param_value(value: Any) -> str:
