@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from apexdsp.data.loaders import read_questions
+from apexdsp.data.records import Question
 from apexdsp.tracking import write_text_atomic
 
 
@@ -79,28 +81,20 @@ threads = 8
 """
 
 
-def read_questions(path: Path, offset: int = 0, limit: int | None = None) -> list[dict]:
-    """Raw question records ``offset .. offset + limit`` of a shared-format JSONL file."""
-    rows = []
-    with open(path) as handle:
-        for number, line in enumerate(handle):
-            if number < offset:
-                continue
-            if limit is not None and len(rows) >= limit:
-                break
-            rows.append(json.loads(line))
-    return rows
+def question_slice(path: Path, offset: int, limit: int) -> list[Question]:
+    """Questions ``offset .. offset + limit`` of a shared-format JSONL file."""
+    return read_questions(path, limit=offset + limit)[offset:]
 
 
-def paragraph_corpus(questions: Iterable[dict]) -> list[dict]:
+def paragraph_corpus(questions: Iterable[Question]) -> list[dict]:
     """The questions' own paragraphs as a corpus (shared corpus format), one passage per title."""
     seen: set[str] = set()
     rows = []
     for question in questions:
-        for paragraph in question.get("paragraphs") or []:
-            if paragraph["title"] not in seen:
-                seen.add(paragraph["title"])
-                rows.append({"id": f"p{len(rows)}", "title": paragraph["title"], "text": paragraph["text"]})
+        for paragraph in question.paragraphs:
+            if paragraph.title not in seen:
+                seen.add(paragraph.title)
+                rows.append({"id": f"p{len(rows)}", "title": paragraph.title, "text": paragraph.text})
     return rows
 
 
@@ -111,9 +105,9 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 def write_quickstart(folder: Path, data_dir: Path, size: QuickstartSize = QuickstartSize()) -> Path:
     """Write the quickstart's corpus slice and spec into ``folder``; returns the spec's path."""
     hotpotqa = data_dir / "hotpotqa"
-    questions = (read_questions(hotpotqa / "train.jsonl", 0, size.train)
-                 + read_questions(hotpotqa / "train.jsonl", size.val_offset, size.val)
-                 + read_questions(hotpotqa / "dev.jsonl", 0, size.test))
+    questions = (question_slice(hotpotqa / "train.jsonl", 0, size.train)
+                 + question_slice(hotpotqa / "train.jsonl", size.val_offset, size.val)
+                 + question_slice(hotpotqa / "dev.jsonl", 0, size.test))
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / "corpus.jsonl", paragraph_corpus(questions))
     spec = folder / "quickstart.toml"
@@ -121,4 +115,4 @@ def write_quickstart(folder: Path, data_dir: Path, size: QuickstartSize = Quicks
     return spec
 
 
-__all__ = ["QuickstartSize", "paragraph_corpus", "read_questions", "write_quickstart"]
+__all__ = ["QuickstartSize", "paragraph_corpus", "question_slice", "write_quickstart"]

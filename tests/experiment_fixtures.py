@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
+from apexdsp.data.loaders import read_questions
 from apexdsp.experiments.quickstart import paragraph_corpus
 
 TINY_SPEC = """
@@ -39,10 +41,9 @@ def write_tiny_experiment(folder: Path, data_dir: Path, name: str = "tiny-rag", 
     """Four real questions (two to test, two to compile on), their 40 paragraphs as the corpus, a spec."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "hotpotqa" / "dev.jsonl") as handle:
-        questions = [json.loads(line) for _, line in zip(range(4), handle)]
-    rows = paragraph_corpus(questions)
+        (folder / "questions.jsonl").write_text("".join(itertools.islice(handle, 4)))
+    rows = paragraph_corpus(read_questions(folder / "questions.jsonl"))
     (folder / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (folder / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     spec = folder / f"{name}.toml"
     spec.write_text(TINY_SPEC.format(name=name, experiment=experiment) + extra)
     return spec

@@ -7,13 +7,15 @@ the real paragraphs of four HotpotQA training questions, TRL's GRPOTrainer, a pr
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
 
 import pytest
 from apexdsp.cli.app import main
-from apexdsp.experiments.quickstart import paragraph_corpus, read_questions
+from apexdsp.data.loaders import read_questions
+from apexdsp.experiments.quickstart import paragraph_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +34,10 @@ def test_guide_has_the_blocks_this_test_runs():
 
 
 def test_every_block_of_the_guide_runs(tmp_path, data_dir, monkeypatch, capsys):
-    questions = read_questions(data_dir / "hotpotqa" / "train.jsonl", 0, 4)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    source = data_dir / "hotpotqa" / "train.jsonl"
+    with open(source) as handle:
+        (tmp_path / "train.jsonl").write_text("".join(itertools.islice(handle, 4)))
+    questions = read_questions(source, limit=4)
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in paragraph_corpus(questions)))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "guide"}

@@ -19,6 +19,7 @@ from apexdsp.data.examples import to_examples
 from apexdsp.data.loaders import read_questions
 from apexdsp.data.records import Passage
 from apexdsp.errors import ApexError
+from apexdsp.experiments.quickstart import paragraph_corpus
 from apexdsp.optimizers.bootstrap import RewardBootstrap
 from apexdsp.optimizers.compiled import load_compiled, save_compiled
 from apexdsp.optimizers.config import BootstrapConfig, DemoGates
@@ -39,12 +40,7 @@ def questions(data_dir):
 @pytest.fixture(scope="module")
 def corpus_file(questions, tmp_path_factory):
     """The gold and distractor paragraphs of the questions, as a corpus file a fresh process can read."""
-    seen, rows = set(), []
-    for question in questions:
-        for paragraph in question.paragraphs:
-            if paragraph.title not in seen:
-                seen.add(paragraph.title)
-                rows.append({"id": f"p{len(rows)}", "title": paragraph.title, "text": paragraph.text})
+    rows = paragraph_corpus(questions)
     path = tmp_path_factory.mktemp("bootstrap") / "corpus.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
