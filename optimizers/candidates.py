@@ -77,7 +77,7 @@ def build_candidates(pool: dict[str, list[Demo]], budgets: dict[str, int], count
                 continue
             if index == 0:
                 ranked = sorted(demos, key=lambda d: -d.score)  # stable: ties keep training order
-                chosen[name] = ranked[:budget]
+                chosen[name] = diverse_answers(ranked, budget)
             else:
                 shuffled = list(demos)
                 rng.shuffle(shuffled)
@@ -90,6 +90,20 @@ def build_candidates(pool: dict[str, list[Demo]], budgets: dict[str, int], count
             seen.add(fingerprint)
             candidates.append(chosen)
     return candidates
+
+
+def diverse_answers(ranked: list[Demo], budget: int) -> list[Demo]:
+    """The best-ranked demos, taken in turn from each distinct answer: two demos of a yes/no step show a
+    "yes" and a "no" (a model shown only "yes" says yes); demos without an answer field keep rank order."""
+    groups: dict[str, list[Demo]] = {}
+    for demo in ranked:
+        groups.setdefault(normalize_answer(str(demo.example.get("answer", id(demo)))), []).append(demo)
+    chosen: list[Demo] = []
+    while len(chosen) < min(budget, len(ranked)):
+        for group in groups.values():
+            if group and len(chosen) < budget:
+                chosen.append(group.pop(0))
+    return chosen
 
 
 def with_demos(student: dspy.Module, demo_set: DemoSet) -> dspy.Module:
@@ -131,7 +145,7 @@ def score_candidate(program: dspy.Module, valset: Sequence[dspy.Example], *, con
         logger.warning("metric failed on %d of %d validation examples (first: %s)", len(failures), len(values),
                        failures[0])
     demo_answers = {normalize_answer(str(demo["answer"])) for _, predictor in program.named_predictors()
-                    for demo in predictor.demos if demo.get("answer")} - {""}
+                    for demo in predictor.demos if demo.get("answer")} - {"", "yes", "no"}  # two choices: no copy
     copied = sum(normalize_answer(r.answer) in demo_answers and not v.em for r, v in zip(rollouts, verdicts))
     hits = [v.hit for v in verdicts if v.hit is not None]
     plans = [v.plan.value for v in verdicts if v.plan is not None]
@@ -148,4 +162,4 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else 0.0
 
 
-__all__ = ["CandidateScore", "DemoSet", "Metric", "build_candidates", "score_candidate", "with_demos"]
+__all__ = ["CandidateScore", "DemoSet", "Metric", "build_candidates", "diverse_answers", "score_candidate", "with_demos"]

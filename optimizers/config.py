@@ -31,7 +31,8 @@ class DemoGates(BaseModel):
       (format, structure, placeholders, retrieval-grounded executability) is at least ``min_plan_reward``;
     * query writers (``WriteQuery``, ``RewriteQuery``): the query retrieved a gold supporting paragraph;
     * analysis (``AnalyzeAnswer``): said *answered*, gave an answer, and the answer is in the passages;
-    * answer steps (``AnswerFromFindings``, ``AnswerFromPassages``): answer F1 >= ``min_final_answer_f1``
+    * answer steps (``AnswerFromFindings``, ``AnswerFromPassages``, and their yes/no ``DecideFrom...``):
+      answer F1 >= ``min_final_answer_f1``
       (the answer a demo teaches must be right, whatever the trace gate accepted). Below it, with
       ``label_answers_from_evidence``, the demo shows the *gold* answer instead, but only when the gold
       answer is in the findings and passages the step was shown (or is yes/no): a labeled demo, as DSPy's

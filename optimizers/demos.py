@@ -25,7 +25,7 @@ from apexdsp.metrics import answer_hit, normalize_answer
 from apexdsp.metrics.retrieval import normalize_title
 from apexdsp.optimizers.config import DemoGates
 from apexdsp.optimizers.rollouts import Rollout
-from apexdsp.programs.answer import AnswerFromFindings, AnswerFromPassages
+from apexdsp.programs.answer import AnswerFromFindings, AnswerFromPassages, DecideFromFindings, DecideFromPassages
 from apexdsp.programs.base import clean_answer
 from apexdsp.programs.evidence import clean_query, is_non_answer, parse_yes_no, strip_echo
 from apexdsp.programs.executor import AnalyzeAnswer, RewriteQuery, WriteQuery
@@ -173,7 +173,8 @@ def _judge_call(predictor: Any, inputs: dict, outputs: dict, rollout: Rollout, v
         return _Judged(passed, verdict.score + extractive,
                        {**outputs, "answer": answer, "answered": "yes", "analysis": analysis},
                        {**trace_rewards, "extractive": extractive})
-    if _is(predictor, AnswerFromFindings) or _is(predictor, AnswerFromPassages):
+    if any(_is(predictor, kind) for kind in (AnswerFromFindings, AnswerFromPassages, DecideFromFindings,
+                                              DecideFromPassages)):
         answer = strip_echo(clean_answer(outputs.get("answer")))
         scored = answer_reward(rollout.question, answer, "f1").components
         rewards = {"answer_f1": scored["f1"], "answer_em": scored["em"]}

@@ -98,6 +98,7 @@ class ModuleGRPOConfig(LoraOptions):
         if self.vllm_mode == "server" and self.use_vllm and not self.vllm_server_base_url:
             raise ApexError("vllm_mode='server' needs vllm_server_base_url (where `trl vllm-serve` listens)")
         self.lora_target_modules = tuple(self.lora_target_modules)
+        self.micro_batch()  # a size that does not divide the step fails here, not after prompt collection
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,7 +113,7 @@ class ModuleGRPOConfig(LoraOptions):
     def micro_batch(self) -> int:
         size = self.micro_batch_size or self.num_generations
         total = self.prompts_per_step * self.num_generations
-        if total % size:
+        if size < 1 or total % size:
             raise ApexError(f"micro_batch_size {size} must divide prompts_per_step x num_generations = {total}")
         return size
 

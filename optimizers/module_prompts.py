@@ -70,15 +70,28 @@ def current_adapter() -> Any:
     return dspy.settings.adapter or TolerantChatAdapter()
 
 
-def format_messages(predictor: dspy.Predict, inputs: dict[str, Any], adapter: Any = None) -> list[dict[str, str]]:
-    """The chat messages DSPy sends for ``predictor(**inputs)``: system, demos, then the user turn."""
+def format_messages(predictor: dspy.Predict, inputs: dict[str, Any], adapter: Any = None,
+                    lm: Any = None) -> list[dict[str, str]]:
+    """The chat messages DSPy sends for ``predictor(**inputs)``: system, demos, the user turn, and the
+    prefilled start of the reply where the adapter writes one for the predictor's LM."""
     adapter = adapter or current_adapter()
+    lm = lm or predictor.lm or dspy.settings.lm
+    if hasattr(adapter, "format_call"):  # apexdsp's TolerantChatAdapter
+        return adapter.format_call(predictor.signature, list(predictor.demos), dict(inputs), lm)
     return adapter.format(predictor.signature, list(predictor.demos), dict(inputs))
 
 
+def reply_prefix(messages: list[dict[str, str]]) -> str:
+    """The prefilled start of the reply (a final assistant message), "" when the prompt opens a new turn."""
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+
+
 def chat_prompt_text(messages: list[dict[str, str]], tokenizer: Any) -> str:
-    """The prompt text the model reads: the tokenizer's chat template with the assistant turn opened."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    """The prompt text the model reads: the tokenizer's chat template, with the assistant turn opened or,
+    when the messages end in a prefilled reply, continued (as the engine and TRL render it)."""
+    from apexdsp.lm.engine import template_mode
+
+    return tokenizer.apply_chat_template(messages, tokenize=False, **template_mode(messages))
 
 
 def _as_question(item: Any) -> Question:
@@ -175,4 +188,4 @@ def load_prompts(path: Path, key: str) -> list[ModulePrompt] | None:
 
 
 __all__ = ["ModulePrompt", "ModulePromptCollector", "as_questions", "chat_prompt_text", "current_adapter",
-           "find_predictor", "format_messages", "load_prompts", "prompts_key", "save_prompts"]
+           "find_predictor", "format_messages", "load_prompts", "prompts_key", "reply_prefix", "save_prompts"]

@@ -32,7 +32,7 @@ from apexdsp.programs.trajectory import RetrievedPassage, Trajectory
 from apexdsp.rewards.decomposition import completion_text
 from apexdsp.rewards import (DecompositionWeights, FrozenGenerator, RewardResult, answer_reward,
                              decomposition_rewards, score_trajectory_with_frozen_generator)
-from apexdsp.optimizers.module_prompts import ModulePrompt
+from apexdsp.optimizers.module_prompts import ModulePrompt, reply_prefix
 
 
 class RewardError(ApexError):
@@ -199,8 +199,10 @@ DEFAULT_MODULE_REWARDS: dict[str, str] = {
     "executor.rewrite": "frozen_generator",
     "executor.analyze": "answer",
     "answer_step.generate": "answer",
+    "answer_step.decide": "answer",
     "write_queries": "frozen_generator",
     "reader.generate": "answer",
+    "reader.decide": "answer",
 }
 
 
@@ -275,8 +277,9 @@ class TRLRewardFunction:
 
     def __call__(self, prompts: list, completions: list, example_index: list[int], log_metric=None,
                  **_: Any) -> list[float]:
-        texts = [completion_text(c) or "" for c in completions]
         calls = [self.prompts[int(i)] for i in example_index]
+        # TRL returns what the model wrote after a prefilled header; the adapter parses the whole reply.
+        texts = [reply_prefix(call.messages) + (completion_text(c) or "") for call, c in zip(calls, completions)]
         parsed = [self.parse(text) for text in texts]
         try:
             results = self.reward.score(calls, [out for out, _ in parsed], texts)

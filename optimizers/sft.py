@@ -26,7 +26,7 @@ from apexdsp.errors import ApexError
 from apexdsp.optimizers.grpo import COMPILE_EXPERIMENT, _has_active_run, _last_checkpoint, align_end_of_turn
 from apexdsp.optimizers.grpo_config import LoraOptions
 from apexdsp.optimizers.grpo_tracking import MlflowStepLogger
-from apexdsp.optimizers.module_prompts import as_questions, current_adapter, format_messages
+from apexdsp.optimizers.module_prompts import as_questions, current_adapter, format_messages, reply_prefix
 from apexdsp.optimizers.trained_lm import (copy_program, is_trained, module_lm, save_trained_weights,
                                            trainable_model_dir, use_trained_lm, weights_dir)
 from apexdsp.tracking.run import tracked_run
@@ -184,8 +184,10 @@ class ModuleSFT(Teleprompter):
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, self.config.dtype))
         align_end_of_turn(tokenizer, model)
-        rows = [{"prompt": e.messages, "completion": [{"role": "assistant", "content": e.completion}]}
-                for e in examples]
+        # The completion is the whole reply, so a prefilled header at the end of the prompt is dropped: the
+        # model learns to write it, and at inference it continues it.
+        rows = [{"prompt": e.messages[:-1] if reply_prefix(e.messages) else e.messages,
+                 "completion": [{"role": "assistant", "content": e.completion}]} for e in examples]
         return SFTTrainer(model=model, args=self.config.to_trl(work / "checkpoints"),
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           peft_config=self.config.lora(), callbacks=[MlflowStepLogger()])

@@ -87,27 +87,48 @@ def test_prompts_are_what_dspy_sends(tiny_lm, questions):
     name, predictor = find_predictor(program, "planner")
     assert name == "planner.write_plan"
     assert format_messages(predictor, {"question": questions[0].question}) == sent
+    assert sent[-1] == {"role": "assistant", "content": "[[ ## plan ## ]]"}  # the prefilled reply
     engine = tiny_lm.engine
     tokenizer = engine.tokenizer
     text = chat_prompt_text(sent, tokenizer)
+    assert text.endswith("<|im_start|>assistant\n[[ ## plan ## ]]")  # continued, not a new turn
     from dspy.lm15 import Message, Request
 
-    request = Request(model="x", system=sent[0]["content"], messages=(Message.user(sent[1]["content"]),))
-    assert tokenizer(text, add_special_tokens=False)["input_ids"] == engine.prompt_ids(request)[0]
+    request = Request(model="x", system=sent[0]["content"],
+                      messages=(Message.user(sent[1]["content"]), Message.assistant(sent[2]["content"])))
+    ids, shared = engine.prompt_ids(request)
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+    assert 0 < shared < len(ids) - 10  # the system turn is shared; the question and the prefill are not
 
 
 def test_collector_runs_the_program_for_downstream_modules(tiny_lm, questions):
     program = PlanOnly()
     prompts = ModulePromptCollector("planner.write_plan", direct=False, progress=False).collect(program, questions[:2])
     assert [p.question.id for p in prompts] == [q.id for q in questions[:2]]
-    assert prompts[0].messages[-1]["content"].startswith("[[ ## question ## ]]")
+    assert prompts[0].messages[-2]["content"].startswith("[[ ## question ## ]]")
+    assert prompts[0].messages[-1] == {"role": "assistant", "content": "[[ ## plan ## ]]"}
     with pytest.raises(ApexError, match="no module 'missing'"):
         find_predictor(program, "missing")
 
 
-def test_reward_function_parses_logs_and_rejects_nan(tiny_lm, questions):
+def test_reward_function_scores_the_reply_after_a_prefilled_header(tiny_lm, questions):
+    """TRL hands over what the model wrote after the prefilled header; the reward sees the whole reply
+    (and a model that writes the header again is not penalised for it)."""
     program = PlanOnly()
     prompts = ModulePromptCollector("planner", progress=False).collect(program, questions[:1])
+    assert prompts[0].messages[-1]["content"] == "[[ ## plan ## ]]"
+    signature = program.planner.write_plan.signature
+    reward = TRLRewardFunction(DecompositionModuleReward(), prompts, signature, TolerantChatAdapter())
+    plan = "\n1. Who is the MP for Newark?\n2. When was #1 elected?\n\n[[ ## completed ## ]]"
+    continued, repeated, empty = reward(prompts=[None] * 3, completions=[plan, "[[ ## plan ## ]]" + plan, ""],
+                                        example_index=[0, 0, 0])
+    assert continued > 0.3 and repeated == continued and empty == 0.0
+
+
+def test_reward_function_parses_logs_and_rejects_nan(tiny_lm, questions):
+    program = PlanOnly()
+    unprefilled = TolerantChatAdapter(prefill=False)
+    prompts = ModulePromptCollector("planner", adapter=unprefilled, progress=False).collect(program, questions[:1])
     signature = program.planner.write_plan.signature
     logged: dict[str, list[float]] = {}
     reward = TRLRewardFunction(DecompositionModuleReward(), prompts, signature, TolerantChatAdapter())
@@ -239,7 +260,7 @@ def test_config_and_schedule_validation(tmp_path):
     assert (trl_config.per_device_train_batch_size, trl_config.gradient_accumulation_steps,
             trl_config.num_generations, trl_config.generation_batch_size) == (4, 3, 4, 12)
     with pytest.raises(ApexError, match="micro_batch_size 5 must divide"):
-        ModuleGRPOConfig(prompts_per_step=3, num_generations=4, micro_batch_size=5).to_trl(tmp_path)
+        ModuleGRPOConfig(prompts_per_step=3, num_generations=4, micro_batch_size=5)
     assert trl_config.use_cpu and trl_config.report_to == []
     assert ModuleGRPOConfig(use_lora=True).lora().r == 16
     stages = parse_stages("bootstrap+grpo(planner.write_plan)+grpo(executor.analyze:answer)+sft(executor)")

@@ -184,6 +184,7 @@ def demo_budgets(plan_demos: int, answer_demos: int | None) -> dict[str, int]:
     """Per-signature demo counts: the planner's, and the answer step's when it differs from the default."""
     budgets = {"WritePlan": plan_demos}
     if answer_demos is not None:
+        # The yes/no steps keep the default (2: one "yes", one "no"); more would only lengthen their prompt.
         budgets.update({"AnswerFromFindings": answer_demos, "AnswerFromPassages": answer_demos})
     return budgets
 

@@ -134,17 +134,19 @@ class LocalEngine:
     def prompt_ids(self, request: Request) -> tuple[list[int], int]:
         """Token ids of the prompt, and how many leading ones are shared with other calls.
 
-        The chat template is applied when the model has one, else the plain texts are joined. The shared
-        part is everything before the last message (system message and demos, identical for every call
-        of one DSPy predictor), when its tokens are a prefix of the prompt's.
+        The chat template is applied when the model has one, else the plain texts are joined. A prompt that
+        ends in an assistant message is a prefilled reply: the model continues that message instead of
+        opening a new one. The shared part is everything before the last user message (system message and
+        demos, identical for every call of one DSPy predictor), when its tokens are a prefix of the prompt's.
         """
         tokenizer = self.tokenizer
         messages = self.chat_messages(request)
         prefix: list[int] = []
         if getattr(tokenizer, "chat_template", None):
-            ids = _token_list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-            if len(messages) > 1:
-                prefix = _token_list(tokenizer.apply_chat_template(messages[:-1], tokenize=True))
+            ids = _token_list(tokenizer.apply_chat_template(messages, tokenize=True, **template_mode(messages)))
+            shared = shared_turns(messages)
+            if shared:
+                prefix = _token_list(tokenizer.apply_chat_template(messages[:shared], tokenize=True))
         else:  # a base model (e.g. Gemma-3-270m): continue the concatenated text
             ids = tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
         limit = self.context_length
@@ -275,6 +277,18 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def template_mode(messages: list[dict[str, str]]) -> dict[str, bool]:
+    """``apply_chat_template`` flags: open a new assistant turn, or continue a prefilled one."""
+    continues = bool(messages) and messages[-1]["role"] == "assistant"
+    return {"add_generation_prompt": not continues, "continue_final_message": continues}
+
+
+def shared_turns(messages: list[dict[str, str]]) -> int:
+    """How many leading messages come before the last user turn (0 if that is the first message)."""
+    users = [i for i, message in enumerate(messages) if message["role"] == "user"]
+    return users[-1] if users else 0
 
 
 def _token_list(encoded: Any) -> list[int]:
