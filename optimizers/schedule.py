@@ -47,6 +47,9 @@ class Stage:
 
     def resolved_reward(self) -> str:
         reward = self.reward or DEFAULT_MODULE_REWARDS.get(self.module)
+        if reward is None:  # "planner" for "planner.write_plan": a module with one predictor that has a default
+            inner = {r for name, r in DEFAULT_MODULE_REWARDS.items() if name.startswith(self.module + ".")}
+            reward = inner.pop() if len(inner) == 1 else None
         if reward is None:
             raise ApexError(f"stage {self.kind}({self.module}) names no reward and the module has no default; "
                             f"defaults exist for: {', '.join(sorted(DEFAULT_MODULE_REWARDS))}")

@@ -84,3 +84,24 @@ def test_compile_weight_stages_parse_into_grpo_and_sft_stages():
     stages = weight_stages("bootstrap+grpo(planner)+sft(executor)", 5, 0.0)
     assert [(s.kind, s.module) for s in stages] == [("grpo", "planner"), ("sft", "executor")]
     assert stages[0].grpo.max_steps == 5 and stages[0].grpo.beta == 0.0
+
+
+def test_compile_start_from_takes_weight_stages_only(tmp_path):
+    from apexdsp.cli.compile_cmd import weight_stages
+    from apexdsp.errors import ApexError
+
+    stages = weight_stages("grpo(planner)", 3, 0.0, 2e-5, start_from=tmp_path)
+    assert [(s.kind, s.module) for s in stages] == [("grpo", "planner")]
+    assert stages[0].grpo.learning_rate == 2e-5
+    assert stages[0].resolved_reward() == "decomposition"  # the planner's one predictor has that default
+    with pytest.raises(ApexError, match="names no reward"):  # the executor's predictors have different ones
+        weight_stages("grpo(executor)", 3, 0.0, start_from=tmp_path)[0].resolved_reward()
+    with pytest.raises(ApexError, match="already compiled"):
+        weight_stages("bootstrap+grpo(planner)", 3, 0.0, start_from=tmp_path)
+
+
+def test_compile_start_from_never_overwrites_its_source(data_dir, tmp_path):
+    result = run_cli("compile", "--optimizer", "grpo(planner)", "--start-from", str(tmp_path / "c"),
+                     "--out", str(tmp_path / "c"), "--trainset", str(data_dir / "hotpotqa" / "train.jsonl"),
+                     "--no-track")
+    assert_one_line_error(result, "is --start-from")

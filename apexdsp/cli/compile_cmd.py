@@ -1,4 +1,8 @@
-"""``apexdsp compile``: bootstrap a program's demos on training questions, save it, log one MLflow run."""
+"""``apexdsp compile``: bootstrap a program's demos on training questions, save it, log one MLflow run.
+
+With ``--start-from DIR`` the bootstrap is skipped: the weight stages of ``--optimizer`` continue a program
+compiled earlier (stage 2 on a saved stage-1 program, without bootstrapping it again).
+"""
 
 from __future__ import annotations
 
@@ -54,6 +58,11 @@ def compile_program(
     score_zero_shot: Annotated[bool, typer.Option(help="Also score the program without demos on the valset.")] = True,
     grpo_steps: Annotated[int, typer.Option(min=1, help="GRPO steps per weight stage.")] = 20,
     grpo_beta: Annotated[float, typer.Option(min=0, help="GRPO KL weight (0 skips the reference model).")] = 0.04,
+    grpo_lr: Annotated[float, typer.Option(min=0, help="GRPO learning rate.")] = 1e-5,
+    start_from: Annotated[Optional[Path], typer.Option(help=(
+        "A compiled program to continue (its own program; --program is not used): skip bootstrap, run only "
+        "the weight stages of --optimizer "
+        "(e.g. --optimizer 'grpo(planner)').")) ] = None,
     track: Annotated[bool, typer.Option(help="Log the compile to MLflow.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
@@ -65,7 +74,12 @@ def compile_program(
     from apexdsp.programs.registry import build_program
     from apexdsp.runtime import configure_dspy
 
-    stages = weight_stages(optimizer, grpo_steps, grpo_beta)
+    if start_from is not None:
+        _continue_compile(start_from, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index,
+                          lm=lm, stages=weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, start_from),
+                          as_json=as_json)
+        return
+    stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr)
     try:
         config = BootstrapConfig(
             gates=DemoGates(min_answer_f1=min_answer_f1, accept_hit=accept_hit, min_plan_reward=min_plan_reward,
@@ -189,17 +203,67 @@ def demo_budgets(plan_demos: int, answer_demos: int | None) -> dict[str, int]:
     return budgets
 
 
-def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float) -> list:
-    """The weight-training stages after ``bootstrap`` in ``--optimizer`` (none for plain ``bootstrap``)."""
+def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: float = 1e-5,
+                  start_from: Path | None = None) -> list:
+    """The weight-training stages of ``--optimizer``: after ``bootstrap`` (none for plain ``bootstrap``),
+    or all of it when continuing a compiled program (``start_from``), which must not bootstrap again."""
     from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
     from apexdsp.optimizers.schedule import parse_stages
 
     parts = [p.strip() for p in optimizer.split("+") if p.strip()]
+    config = ModuleGRPOConfig(max_steps=grpo_steps, beta=grpo_beta, learning_rate=grpo_lr)
+    if start_from is not None:
+        if "bootstrap" in parts:
+            raise ApexError(f"--optimizer {optimizer!r} with --start-from: {start_from} is already compiled; "
+                            "name only weight stages (e.g. 'grpo(planner)')")
+        return parse_stages("+".join(parts), config)
     if not parts or parts[0] != "bootstrap":
-        raise ApexError(f"--optimizer {optimizer!r}: start with 'bootstrap' (e.g. 'bootstrap+grpo(planner)')")
+        raise ApexError(f"--optimizer {optimizer!r}: start with 'bootstrap' (e.g. 'bootstrap+grpo(planner)'), "
+                        "or continue a compiled program with --start-from")
     if len(parts) == 1:
         return []
-    return parse_stages("+".join(parts[1:]), ModuleGRPOConfig(max_steps=grpo_steps, beta=grpo_beta))
+    return parse_stages("+".join(parts[1:]), config)
+
+
+def _continue_compile(start_from: Path, optimizer: str, *, out: Path, trainset: Path, limit_train: int | None,
+                      index: Path | None, lm: str, stages: list, as_json: bool) -> None:
+    """Run weight stages on a saved compiled program and save the result to ``out`` (never over it)."""
+    from apexdsp.data.loaders import read_questions
+    from apexdsp.optimizers.compiled import DataRef, examples_digest, index_ref, load_compiled, save_compiled
+    from apexdsp.optimizers.schedule import ProgressiveSchedule
+    from apexdsp.runtime import configure_dspy
+
+    if out.expanduser().resolve() == start_from.expanduser().resolve():
+        raise ApexError(f"--out {out} is --start-from: write the trained program elsewhere, so the stage-1 "
+                        "program is kept whatever happens")
+    train = read_questions(trainset, limit=limit_train)
+    if not train:
+        raise ApexError(f"{trainset}: no questions")
+    retriever = None
+    if index is not None:
+        from apexdsp.indexes import load_retriever
+
+        retriever = load_retriever(index)
+    loaded = load_compiled(start_from, retriever=retriever)
+    configure_dspy(lm=lm)
+    started = time.perf_counter()
+    schedule = ProgressiveSchedule(stages, out.parent / f".{out.name}.stages", retriever=retriever,
+                                   experiment=COMPILE_EXPERIMENT)
+    with contextlib.redirect_stdout(sys.stderr):
+        compiled = schedule.compile(loaded.program, trainset=train)
+    seconds = time.perf_counter() - started
+    data = {**loaded.manifest.data,
+            "weight_trainset": DataRef(path=str(trainset), examples=len(train), sha256=examples_digest(train))}
+    optimizer_info = {"name": optimizer, "start_from": str(start_from), "seconds": seconds,
+                      "previous": loaded.manifest.optimizer, "stages": [_stage_summary(r) for r in schedule.results]}
+    save_compiled(compiled, out, lm=lm, index=index_ref(index) if index else loaded.manifest.index, data=data,
+                  optimizer=optimizer_info)
+    summary = {"out": str(out), "start_from": str(start_from), "compile_seconds": round(seconds, 1),
+               "stages": optimizer_info["stages"]}
+    if as_json:
+        print(json.dumps(summary, default=str))
+    else:
+        console.print(summary)
 
 
 def _stage_summary(result) -> dict:
