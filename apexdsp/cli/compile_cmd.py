@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from apexdsp.cli.inputs import optional_retriever, require_questions
 from apexdsp.errors import ApexError
 
 console = Console(stderr=True)
@@ -88,18 +89,12 @@ def compile_program(
             metric=metric, seed=seed, threads=threads, score_zero_shot=score_zero_shot)
     except ValueError as error:
         raise ApexError(f"bad compile option: {str(error).splitlines()[-1].strip()}") from None
-    train = read_questions(trainset, limit=limit_train)
+    train = require_questions(trainset, limit_train)
     val = read_questions(valset, limit=limit_val) if valset else None
-    if not train:
-        raise ApexError(f"{trainset}: no questions")
     labeled = read_questions(plan_demos) if plan_demos else []
     if plan_demos and not any(q.decomposition for q in labeled):
         raise ApexError(f"{plan_demos}: no question has a gold decomposition (field 'decomposition')")
-    retriever = None
-    if index is not None:
-        from apexdsp.indexes import load_retriever
-
-        retriever = load_retriever(index)
+    retriever = optional_retriever(index)
     student = build_program(program, retriever=retriever)
     configure_dspy(lm=lm)
     # Finished phases are kept beside --out until the program is saved: a rerun after an interruption resumes.
@@ -228,7 +223,6 @@ def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: fl
 def _continue_compile(start_from: Path, optimizer: str, *, out: Path, trainset: Path, limit_train: int | None,
                       index: Path | None, lm: str, stages: list, as_json: bool) -> None:
     """Run weight stages on a saved compiled program and save the result to ``out`` (never over it)."""
-    from apexdsp.data.loaders import read_questions
     from apexdsp.optimizers.compiled import DataRef, examples_digest, index_ref, load_compiled, save_compiled
     from apexdsp.optimizers.schedule import ProgressiveSchedule
     from apexdsp.runtime import configure_dspy
@@ -236,14 +230,8 @@ def _continue_compile(start_from: Path, optimizer: str, *, out: Path, trainset: 
     if out.expanduser().resolve() == start_from.expanduser().resolve():
         raise ApexError(f"--out {out} is --start-from: write the trained program elsewhere, so the stage-1 "
                         "program is kept whatever happens")
-    train = read_questions(trainset, limit=limit_train)
-    if not train:
-        raise ApexError(f"{trainset}: no questions")
-    retriever = None
-    if index is not None:
-        from apexdsp.indexes import load_retriever
-
-        retriever = load_retriever(index)
+    train = require_questions(trainset, limit_train)
+    retriever = optional_retriever(index)
     loaded = load_compiled(start_from, retriever=retriever)
     configure_dspy(lm=lm)
     started = time.perf_counter()

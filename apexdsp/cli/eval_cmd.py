@@ -13,8 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from apexdsp.errors import ApexError
-
 console = Console()
 
 
@@ -39,7 +37,7 @@ def evaluate(
         help="A compiled program (apexdsp compile --out DIR): its program, and its index unless --index.")] = None,
 ) -> None:
     """Evaluate a program on a question file."""
-    from apexdsp.data.loaders import read_questions
+    from apexdsp.cli.inputs import optional_retriever, require_questions
     from apexdsp.evaluation import evaluate_program
     from apexdsp.paths import cache_dir
     from apexdsp.programs.registry import RETRIEVAL_FREE, build_program
@@ -52,14 +50,8 @@ def evaluate(
         manifest = read_manifest(compiled)
         program = manifest.program
         index = index or (Path(manifest.index.path) if manifest.index else None)
-    records = read_questions(questions, limit=limit)
-    if not records:
-        raise ApexError(f"{questions}: no questions")
-    retriever = None
-    if index is not None:
-        from apexdsp.indexes import load_retriever
-
-        retriever = load_retriever(index)
+    records = require_questions(questions, limit)
+    retriever = optional_retriever(index)
     if compiled is not None:
         from apexdsp.optimizers.compiled import load_compiled
 
