@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,11 +89,8 @@ class TolerantChatAdapter(ChatAdapter):
                     lm: Any = None) -> list[dict[str, Any]]:
         """The messages one call sends to ``lm``: DSPy's format, then the prefilled assistant turn if any
         (what GRPO trains on must be what the program sends)."""
-        token = _prefilling.set(bool(self.reply_prefix(signature, lm)))
-        try:
+        with self._prefilled(signature, lm, {}):
             return self.format(signature, demos, inputs)
-        finally:
-            _prefilling.reset(token)
 
     def __call__(self, lm, lm_kwargs, signature, demos, inputs):
         with self._prefilled(signature, lm, lm_kwargs) as lm_kwargs:
@@ -162,15 +160,23 @@ def choice_constraint(signature, lm: Any) -> dict[str, Any]:
     tokenizer = getattr(getattr(lm, "engine", None), "tokenizer", None)
     if len(outputs) != 1 or get_origin(outputs[0].annotation) is not Literal or tokenizer is None:
         return {}
+    tokens = _choice_tokens(tokenizer, get_args(outputs[0].annotation))
+    return {"max_tokens": 1, "logit_bias": {str(token): 100 for token in tokens}} if tokens else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _choice_tokens(tokenizer: Any, choices: tuple) -> tuple[int, ...]:
+    """The token ids :func:`choice_constraint` allows for one tokenizer and choice set (empty: a choice is
+    not one token), worked out once: every yes/no call of a run asks for the same ones."""
     allowed: dict[int, str] = {}
-    for choice in get_args(outputs[0].annotation):
+    for choice in choices:
         for form in {str(choice), str(choice).capitalize(), f" {choice}", f" {str(choice).capitalize()}"}:
             ids = tokenizer.encode(form, add_special_tokens=False)
             if len(ids) == 1 and allowed.setdefault(ids[0], str(choice)) == str(choice):
                 continue
             if form == str(choice):  # the bare choice is not one token: no constraint
-                return {}
-    return {"max_tokens": 1, "logit_bias": {str(token): 100 for token in sorted(allowed)}}
+                return ()
+    return tuple(sorted(allowed))
 
 
 def with_prefix(prefix: str, output: Any) -> Any:
