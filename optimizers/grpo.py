@@ -26,7 +26,7 @@ from typing import Any
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
+from apexdsp.optimizers.grpo_config import ModuleGRPOConfig, completion_length_for
 from apexdsp.optimizers.grpo_tracking import (MlflowStepLogger, TimedGRPOTrainer, ZeroSignalMonitor,
                                               reward_curve_figure, timing_summary)
 from apexdsp.optimizers.module_prompts import (ModulePrompt, ModulePromptCollector, as_questions,
@@ -85,6 +85,7 @@ class ModuleGRPO(Teleprompter):
         config = config or self.config
         program = copy_program(student)
         module, predictor = find_predictor(program, module)
+        config = completion_length_for(config, predictor)
         base_lm = module_lm(predictor)
         base_dir = trainable_model_dir(base_lm, module)  # fails here, before any slow work, for an API model
         name = name or module

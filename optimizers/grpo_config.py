@@ -20,11 +20,21 @@ Scaling out is configuration only (nothing here is CPU-specific code):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from apexdsp.errors import ApexError
+
+DEFAULT_COMPLETION_TOKENS = 64  # when neither the config nor the module's predictor sets a length
+
+
+def completion_length_for(config: "ModuleGRPOConfig", predictor: Any) -> "ModuleGRPOConfig":
+    """``config`` with ``max_completion_length`` filled from the predictor's ``max_tokens`` when unset."""
+    if config.max_completion_length is not None:
+        return config
+    tokens = (getattr(predictor, "config", None) or {}).get("max_tokens")
+    return replace(config, max_completion_length=int(tokens) if tokens else DEFAULT_COMPLETION_TOKENS)
 
 
 @dataclass
@@ -54,7 +64,9 @@ class ModuleGRPOConfig(LoraOptions):
     # What one step is: prompts x completions each (TRL's per-device batch counts completions).
     prompts_per_step: int = 4
     num_generations: int = 4
-    max_completion_length: int = 64
+    # None: the module's own ``max_tokens`` (what it may write at inference), so that training samples what
+    # inference would and a reward never scores a plan cut short that the program would have finished.
+    max_completion_length: int | None = None
     # Sequences per forward/backward pass (None: one prompt's group). The step's prompts x generations are
     # generated together, then trained in micro-batches with gradient accumulation: activation memory grows
     # with the micro-batch, and a whole step in one pass (16 sequences of 800 tokens) needs over 11 GB on CPU.
@@ -93,7 +105,7 @@ class ModuleGRPOConfig(LoraOptions):
         if self.num_generations < 2:
             raise ApexError(f"num_generations must be >= 2 (GRPO compares completions), got {self.num_generations}")
         for name in ("prompts_per_step", "max_completion_length", "max_steps", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ApexError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.vllm_mode == "server" and self.use_vllm and not self.vllm_server_base_url:
             raise ApexError("vllm_mode='server' needs vllm_server_base_url (where `trl vllm-serve` listens)")
@@ -126,7 +138,7 @@ class ModuleGRPOConfig(LoraOptions):
             per_device_train_batch_size=self.micro_batch(),
             gradient_accumulation_steps=self.prompts_per_step * self.num_generations // self.micro_batch(),
             num_generations=self.num_generations,
-            max_completion_length=self.max_completion_length,
+            max_completion_length=self.max_completion_length or DEFAULT_COMPLETION_TOKENS,
             temperature=self.temperature,
             top_p=self.top_p,
             learning_rate=self.learning_rate,

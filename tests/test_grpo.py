@@ -21,7 +21,7 @@ from apexdsp.errors import ApexError
 from apexdsp.lm.registry import get_lm
 from apexdsp.lm.adapter import TolerantChatAdapter
 from apexdsp.optimizers.grpo import ModuleGRPO, align_end_of_turn
-from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
+from apexdsp.optimizers.grpo_config import ModuleGRPOConfig, completion_length_for
 from apexdsp.optimizers.module_prompts import (ModulePromptCollector, chat_prompt_text, find_predictor,
                                                format_messages)
 from apexdsp.optimizers.module_rewards import (AnswerModuleReward, DecompositionModuleReward, RewardError,
@@ -269,6 +269,16 @@ def test_config_and_schedule_validation(tmp_path):
         ("sft", "executor", None)]
     with pytest.raises(ApexError, match="bad stage"):
         parse_stages("grpo(planner")
+
+
+def test_completion_length_defaults_to_what_the_module_may_write_at_inference():
+    """A planner allowed 96 tokens at inference is sampled up to 96 in training, not cut at a fixed 64."""
+    planner = dspy.Predict("question -> plan", max_tokens=96)
+    assert completion_length_for(ModuleGRPOConfig(), planner).max_completion_length == 96
+    assert completion_length_for(ModuleGRPOConfig(max_completion_length=12), planner).max_completion_length == 12
+    assert completion_length_for(ModuleGRPOConfig(), dspy.Predict("question -> plan")).max_completion_length == 64
+    with pytest.raises(ApexError, match="max_completion_length"):
+        ModuleGRPOConfig(max_completion_length=0)
 
 
 def test_schedule_trains_stages_in_order_and_skips_finished_ones(tiny_lm, questions, tmp_path):
