@@ -28,6 +28,7 @@ from apexdsp.metrics import answer_hit, f1
 from apexdsp.programs.base import clean_answer
 from apexdsp.programs.evidence import clean_query, evidence_pool
 from apexdsp.programs.planner import split_items
+from apexdsp.programs.question_forms import chosen_option, parse_options
 from apexdsp.programs.trajectory import RetrievedPassage, Trajectory
 from apexdsp.rewards.decomposition import completion_text
 from apexdsp.rewards import (DecompositionWeights, FrozenGenerator, RewardResult, answer_reward,
@@ -104,7 +105,11 @@ class AnswerModuleReward:
         for prompt, out in zip(prompts, outputs, strict=True):
             gold = prompt.question.model_copy(update={"answer": gold_for_call(prompt)[0],
                                                       "answer_aliases": gold_for_call(prompt)[1:]})
-            results.append(answer_reward(gold, clean_answer(_field(out, self.field)), self.kind))
+            answer = _field(out, self.field)
+            options = parse_options(prompt.inputs.get("options"))  # a choice call answers "A" or "B"
+            if options is not None:
+                answer = chosen_option(answer, options)
+            results.append(answer_reward(gold, clean_answer(answer), self.kind))
         return results
 
 
@@ -200,9 +205,11 @@ DEFAULT_MODULE_REWARDS: dict[str, str] = {
     "executor.analyze": "answer",
     "answer_step.generate": "answer",
     "answer_step.decide": "answer",
+    "answer_step.choose": "answer",
     "write_queries": "frozen_generator",
     "reader.generate": "answer",
     "reader.decide": "answer",
+    "reader.choose": "answer",
 }
 
 

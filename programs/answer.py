@@ -4,15 +4,17 @@ Two signatures: :class:`AnswerFromFindings` for the agents that answered sub-que
 :class:`AnswerFromPassages` for those that only collected documents (RAG, QAgent, and QAgent's frozen
 generator). Both keep the output to one short field: the answer is what EM and F1 score.
 
-A yes/no question (one that opens with an auxiliary verb and offers no "or" choice: 22 of the 300
-HotpotQA dev questions, with no false positive) goes to a second predictor whose answer is typed
-``Literal["yes", "no"]``. Asked with the open signature, SmolLM2-135M answers such a question with a
-sentence, which exact match never credits; the typed field makes DSPy's adapter state the two choices.
+Two closed forms get a typed predictor instead (:mod:`.question_forms` tells them apart). A yes/no
+question (22 of the 300 HotpotQA dev questions) goes to ``decide``, whose answer is typed
+``Literal["yes", "no"]``; asked with the open signature, SmolLM2-135M answers such a question with a
+sentence, which exact match never credits. An "X or Y" comparison (42 of the 300) goes to ``choose``,
+which reads the two options as ``A)`` and ``B)`` and answers ``Literal["A", "B"]``; the answer is then the
+chosen option's own words, so it can match exactly, where the open predictor wrote both names or a
+passage line. With a local LM each typed answer is one constrained token (:mod:`apexdsp.lm.adapter`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -20,6 +22,7 @@ import dspy
 
 from apexdsp.programs.base import clean_answer
 from apexdsp.programs.evidence import format_passages, is_non_answer, strip_echo
+from apexdsp.programs.question_forms import chosen_option, choice_options, format_options, is_yes_no_question
 from apexdsp.programs.trajectory import RetrievedPassage, SubGoalRecord
 
 
@@ -58,15 +61,35 @@ class DecideFromPassages(dspy.Signature):
     answer: Literal["yes", "no"] = dspy.OutputField()
 
 
-_AUXILIARIES = frozenset("is are was were do does did can could has have had will would should shall may might "
-                         "must".split())
+class ChooseFromFindings(dspy.Signature):
+    """Answer the question by choosing option A or B, using the findings and passages."""
+
+    question: str = dspy.InputField()
+    options: str = dspy.InputField()
+    findings: str = dspy.InputField()
+    passages: str = dspy.InputField()
+    answer: Literal["A", "B"] = dspy.OutputField()
 
 
-def is_yes_no_question(question: str) -> bool:
-    """Whether ``question`` asks for yes or no: it opens with an auxiliary verb ("Were Scott Derrickson and
-    Ed Wood of the same nationality?") and offers no "or" choice ("Is X or Y older?" names its answer)."""
-    words = re.findall(r"[a-z]+", question.lower())
-    return bool(words) and words[0] in _AUXILIARIES and "or" not in words
+class ChooseFromPassages(dspy.Signature):
+    """Answer the question by choosing option A or B, using the passages."""
+
+    question: str = dspy.InputField()
+    options: str = dspy.InputField()
+    passages: str = dspy.InputField()
+    answer: Literal["A", "B"] = dspy.OutputField()
+
+
+def answer_by_form(question: str, *, generate: dspy.Predict, decide: dspy.Predict, choose: dspy.Predict,
+                   **inputs: str) -> str:
+    """The raw answer from the predictor for the question's form: ``choose`` for "X or Y" (returning the
+    chosen option's words), ``decide`` for yes/no, else ``generate``; ``inputs`` are the evidence fields."""
+    options = choice_options(question)
+    if options is not None:
+        letter = choose(question=question, options=format_options(options), **inputs).answer
+        return chosen_option(letter, options)
+    predictor = decide if is_yes_no_question(question) else generate
+    return predictor(question=question, **inputs).answer
 
 
 def fallback_answer(records: Sequence[SubGoalRecord]) -> str:
@@ -87,12 +110,12 @@ class AnswerStep(dspy.Module):
         self.passage_chars = passage_chars
         self.generate = dspy.Predict(AnswerFromFindings, max_tokens=max_tokens)
         self.decide = dspy.Predict(DecideFromFindings, max_tokens=8)
+        self.choose = dspy.Predict(ChooseFromFindings, max_tokens=8)
 
     def forward(self, question: str, findings: str, passages: Sequence[RetrievedPassage],
                 records: Sequence[SubGoalRecord] = ()) -> dspy.Prediction:
-        predictor = self.decide if is_yes_no_question(question) else self.generate
-        raw = predictor(question=question, findings=findings,
-                        passages=format_passages(passages, self.passage_chars)).answer
+        raw = answer_by_form(question, generate=self.generate, decide=self.decide, choose=self.choose,
+                             findings=findings, passages=format_passages(passages, self.passage_chars))
         answer = strip_echo(clean_answer(raw))
         used_fallback = is_non_answer(answer)
         if used_fallback:
@@ -109,8 +132,9 @@ class PassageReader(dspy.Module):
         self.passage_chars = passage_chars
         self.generate = dspy.Predict(AnswerFromPassages, max_tokens=max_tokens)
         self.decide = dspy.Predict(DecideFromPassages, max_tokens=8)
+        self.choose = dspy.Predict(ChooseFromPassages, max_tokens=8)
 
     def forward(self, question: str, passages: Sequence) -> dspy.Prediction:
-        predictor = self.decide if is_yes_no_question(question) else self.generate
-        raw = predictor(question=question, passages=format_passages(passages, self.passage_chars)).answer
+        raw = answer_by_form(question, generate=self.generate, decide=self.decide, choose=self.choose,
+                             passages=format_passages(passages, self.passage_chars))
         return dspy.Prediction(answer=strip_echo(clean_answer(raw)))

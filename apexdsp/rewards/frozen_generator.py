@@ -25,7 +25,8 @@ import dspy
 
 from apexdsp.data.records import Question
 from apexdsp.metrics import answer_hit, exact_match, normalize_answer
-from apexdsp.programs.answer import AnswerFromPassages, DecideFromPassages, is_yes_no_question, strip_echo
+from apexdsp.programs.answer import (AnswerFromPassages, ChooseFromPassages, DecideFromPassages, answer_by_form,
+                                    strip_echo)
 from apexdsp.programs.base import clean_answer
 from apexdsp.programs.evidence import evidence_pool
 from apexdsp.programs.trajectory import Trajectory
@@ -79,7 +80,7 @@ class FrozenGenerator(dspy.Module):
     accuracy falls on long contexts: at most ``max_documents`` documents (default 5), each cut to
     ``document_chars`` characters (default 300, about 75 tokens), so about 1,500 characters of evidence,
     and at most ``max_tokens`` answer tokens. It uses the same signature as the programs' passage reader
-    (and QAgent's plug-and-play frozen reader), yes/no questions included, and runs under ``dspy.context(lm=frozen)`` with the
+    (and QAgent's plug-and-play frozen reader), yes/no and "X or Y" questions included, and runs under ``dspy.context(lm=frozen)`` with the
     tolerant chat adapter, whatever LM and adapter the caller has configured. The module is marked
     compiled, so optimizers leave its prompt alone.
 
@@ -95,6 +96,7 @@ class FrozenGenerator(dspy.Module):
         self.document_chars = document_chars
         self.generate = dspy.Predict(AnswerFromPassages, max_tokens=max_tokens)
         self.decide = dspy.Predict(DecideFromPassages, max_tokens=8)  # yes/no questions, as the reader does
+        self.choose = dspy.Predict(ChooseFromPassages, max_tokens=8)  # "X or Y" questions, likewise
         self._compiled = True
 
     @property
@@ -111,8 +113,8 @@ class FrozenGenerator(dspy.Module):
 
         passages = format_documents(list(documents), self.max_documents, self.document_chars)
         with dspy.context(lm=self.frozen_lm, adapter=TolerantChatAdapter()):
-            predictor = self.decide if is_yes_no_question(question) else self.generate
-            raw = predictor(question=question, passages=passages).answer
+            raw = answer_by_form(question, generate=self.generate, decide=self.decide, choose=self.choose,
+                                 passages=passages)
         return dspy.Prediction(answer=strip_echo(clean_answer(raw)))
 
 
