@@ -115,7 +115,14 @@ class EncoderSpec(_Strict):
     lr_encoder: float = Field(3e-5, gt=0)
     distractors_per_question: int = Field(3, ge=0)
     mined_per_question: int = Field(2, ge=0)
+    negatives_per_query: int = Field(2, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, le=1)
     heldout_questions: int = Field(64, ge=1)
+    heldout_random_passages: int = Field(0, ge=0, description="random corpus passages in the held-out pool")
+    eval_every: int = Field(0, ge=0, description="rank the held-out pool every N steps, keep the best (0: last)")
+    distill_weight: float = Field(0.0, ge=0, description="KL towards the BM25 + dense teacher (0: off)")
+    teacher_bm25_weight: float = Field(1.0, ge=0)
+    teacher_temperature: float = Field(0.5, gt=0)
     pca_sample: int = Field(512, ge=8)
     seed: int = 0
 
