@@ -103,8 +103,8 @@ class AnswerModuleReward:
     def score(self, prompts, outputs, completions) -> list[RewardResult]:
         results = []
         for prompt, out in zip(prompts, outputs, strict=True):
-            gold = prompt.question.model_copy(update={"answer": gold_for_call(prompt)[0],
-                                                      "answer_aliases": gold_for_call(prompt)[1:]})
+            answers = gold_for_call(prompt)
+            gold = prompt.question.model_copy(update={"answer": answers[0], "answer_aliases": answers[1:]})
             answer = _field(out, self.field)
             options = parse_options(prompt.inputs.get("options"))  # a choice call answers "A" or "B"
             if options is not None:

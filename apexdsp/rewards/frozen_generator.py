@@ -80,8 +80,8 @@ class FrozenGenerator(dspy.Module):
     accuracy falls on long contexts: at most ``max_documents`` documents (default 5), each cut to
     ``document_chars`` characters (default 300, about 75 tokens), so about 1,500 characters of evidence,
     and at most ``max_tokens`` answer tokens. It uses the same signature as the programs' passage reader
-    (and QAgent's plug-and-play frozen reader), yes/no and "X or Y" questions included, and runs under ``dspy.context(lm=frozen)`` with the
-    tolerant chat adapter, whatever LM and adapter the caller has configured. The module is marked
+    (and QAgent's plug-and-play frozen reader), yes/no and "X or Y" questions included, and runs under
+    ``dspy.context(lm=frozen)`` with the tolerant chat adapter, whatever LM and adapter the caller has configured. The module is marked
     compiled, so optimizers leave its prompt alone.
 
     ``lm``: a ``dspy.LM``, a model name for :func:`apexdsp.lm.registry.get_lm`, or ``None`` for the
