@@ -105,3 +105,26 @@ def test_compile_start_from_never_overwrites_its_source(data_dir, tmp_path):
                      "--out", str(tmp_path / "c"), "--trainset", str(data_dir / "hotpotqa" / "train.jsonl"),
                      "--no-track")
     assert_one_line_error(result, "is --start-from")
+
+
+def test_program_options_read_json_values_and_name_a_malformed_pair():
+    from apexdsp.cli.inputs import program_options
+    from apexdsp.errors import ApexError
+
+    assert program_options(["frozen_generator=smollm2-135m", "max_rounds=2", "k=5"]) == {
+        "frozen_generator": "smollm2-135m", "max_rounds": 2, "k": 5}
+    assert program_options(None) == {}
+    with pytest.raises(ApexError, match="'max_rounds': expected KEY=VALUE"):
+        program_options(["max_rounds"])
+
+
+def test_unknown_program_option_is_named(data_dir):
+    result = run_cli("evaluate", "--program", "vanilla", "--option", "no_such_option=1",
+                     "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"), "--limit", "1", "--no-track")
+    assert_one_line_error(result, "no_such_option")
+
+
+def test_grpo_seed_reaches_the_weight_stages():
+    from apexdsp.cli.compile_cmd import weight_stages
+
+    assert weight_stages("bootstrap+grpo(planner)", 3, 0.0, seed=7)[0].grpo.seed == 7

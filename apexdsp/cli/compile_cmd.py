@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from apexdsp.cli.inputs import optional_retriever, require_questions
+from apexdsp.cli.inputs import optional_retriever, program_options, require_questions
 from apexdsp.errors import ApexError
 
 console = Console(stderr=True)
@@ -60,6 +60,9 @@ def compile_program(
     grpo_steps: Annotated[int, typer.Option(min=1, help="GRPO steps per weight stage.")] = 20,
     grpo_beta: Annotated[float, typer.Option(min=0, help="GRPO KL weight (0 skips the reference model).")] = 0.04,
     grpo_lr: Annotated[float, typer.Option(min=0, help="GRPO learning rate.")] = 1e-5,
+    grpo_seed: Annotated[int, typer.Option(help="Seed of GRPO's sampling and data order.")] = 0,
+    option: Annotated[Optional[list[str]], typer.Option(
+        "--option", "-o", help="Program option KEY=VALUE, repeatable (e.g. frozen_generator=smollm2-135m).")] = None,
     start_from: Annotated[Optional[Path], typer.Option(help=(
         "A compiled program to continue (its own program; --program is not used): skip bootstrap, run only "
         "the weight stages of --optimizer "
@@ -77,10 +80,10 @@ def compile_program(
 
     if start_from is not None:
         _continue_compile(start_from, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index,
-                          lm=lm, stages=weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, start_from),
+                          lm=lm, stages=weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, start_from, grpo_seed),
                           as_json=as_json)
         return
-    stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr)
+    stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, seed=grpo_seed)
     try:
         config = BootstrapConfig(
             gates=DemoGates(min_answer_f1=min_answer_f1, accept_hit=accept_hit, min_plan_reward=min_plan_reward,
@@ -95,7 +98,7 @@ def compile_program(
     if plan_demos and not any(q.decomposition for q in labeled):
         raise ApexError(f"{plan_demos}: no question has a gold decomposition (field 'decomposition')")
     retriever = optional_retriever(index)
-    student = build_program(program, retriever=retriever)
+    student = build_program(program, retriever=retriever, **program_options(option))
     configure_dspy(lm=lm)
     # Finished phases are kept beside --out until the program is saved: a rerun after an interruption resumes.
     checkpoint = out.parent / f".{out.name}.checkpoint.json"
@@ -199,14 +202,14 @@ def demo_budgets(plan_demos: int, answer_demos: int | None) -> dict[str, int]:
 
 
 def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: float = 1e-5,
-                  start_from: Path | None = None) -> list:
+                  start_from: Path | None = None, seed: int = 0) -> list:
     """The weight-training stages of ``--optimizer``: after ``bootstrap`` (none for plain ``bootstrap``),
     or all of it when continuing a compiled program (``start_from``), which must not bootstrap again."""
     from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
     from apexdsp.optimizers.schedule import parse_stages
 
     parts = [p.strip() for p in optimizer.split("+") if p.strip()]
-    config = ModuleGRPOConfig(max_steps=grpo_steps, beta=grpo_beta, learning_rate=grpo_lr)
+    config = ModuleGRPOConfig(max_steps=grpo_steps, beta=grpo_beta, learning_rate=grpo_lr, seed=seed)
     if start_from is not None:
         if "bootstrap" in parts:
             raise ApexError(f"--optimizer {optimizer!r} with --start-from: {start_from} is already compiled; "

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from apexdsp.errors import ApexError
+
 console = Console()
 
 
@@ -35,15 +37,20 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     compiled: Annotated[Optional[Path], typer.Option(
         help="A compiled program (apexdsp compile --out DIR): its program, and its index unless --index.")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(
+        "--option", "-o", help="Program option KEY=VALUE, repeatable (e.g. frozen_generator=smollm2-135m).")] = None,
 ) -> None:
     """Evaluate a program on a question file."""
-    from apexdsp.cli.inputs import optional_retriever, require_questions
+    from apexdsp.cli.inputs import optional_retriever, program_options, require_questions
     from apexdsp.evaluation import evaluate_program
     from apexdsp.paths import cache_dir
     from apexdsp.programs.registry import RETRIEVAL_FREE, build_program
     from apexdsp.runtime import configure_dspy
     from apexdsp.tracking import write_json_atomic
 
+    options = program_options(option)
+    if compiled is not None and options:
+        raise ApexError(f"--option with --compiled: {compiled} already fixes the program's options")
     if compiled is not None:
         from apexdsp.optimizers.compiled import read_manifest
 
@@ -57,7 +64,7 @@ def evaluate(
 
         qa = load_compiled(compiled, retriever=retriever).program
     else:
-        qa = build_program(program, retriever=retriever)  # checks the name and that searching programs have an index
+        qa = build_program(program, retriever=retriever, **options)  # checks the name and that searching programs have an index
     configure_dspy(lm=lm, cache=cache)
     if trace:
         from apexdsp.tracking import enable_dspy_tracing

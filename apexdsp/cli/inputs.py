@@ -25,3 +25,23 @@ def optional_retriever(index: str | os.PathLike[str] | None) -> Any:
     from apexdsp.indexes import load_retriever
 
     return load_retriever(index)
+
+
+def program_options(items: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``--option frozen_generator=smollm2-135m``) as program options.
+
+    A value that reads as JSON (``3``, ``true``, ``0.5``) is that value, anything else a string; the
+    program's own config then validates the keys and types and names any it rejects.
+    """
+    import json
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ApexError(f"--option {item!r}: expected KEY=VALUE, e.g. frozen_generator=smollm2-135m")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
