@@ -120,12 +120,13 @@ class ModulePromptCollector:
     """
 
     def __init__(self, module: str, *, max_per_question: int = 2, direct: bool | None = None,
-                 adapter: Any = None, progress: bool = True):
+                 adapter: Any = None, progress: bool = True, threads: int = 8):
         self.module = module
         self.max_per_question = max_per_question
         self.direct = direct
         self.adapter = adapter
         self.progress = progress
+        self.threads = threads  # concurrent program runs: the local engine batches their LM calls
 
     def collect(self, program: dspy.Module, trainset: list[Any]) -> list[ModulePrompt]:
         name, predictor = find_predictor(program, self.module)
@@ -136,10 +137,10 @@ class ModulePromptCollector:
         if direct and not only_question:
             raise ApexError(f"module {name!r} takes {list(predictor.signature.input_fields)}: its inputs come "
                             "from earlier modules, so they must be collected by running the program")
+        calls_of = ([[{"question": q.question}] for q in questions] if direct
+                    else self._traced_inputs(program, predictor, questions, name))
         prompts: list[ModulePrompt] = []
-        for question in _progress(questions, f"collect {name}", self.progress):
-            calls = ([{"question": question.question}] if direct
-                     else self._traced_inputs(program, predictor, question))
+        for question, calls in zip(questions, calls_of, strict=True):
             for inputs in calls[: self.max_per_question]:
                 prompts.append(ModulePrompt(name, question, inputs, format_messages(predictor, inputs, adapter)))
         if not prompts:
@@ -147,20 +148,18 @@ class ModulePromptCollector:
                             "nothing to train on")
         return prompts
 
-    @staticmethod
-    def _traced_inputs(program: dspy.Module, predictor: dspy.Predict, question: Question) -> list[dict]:
-        with dspy.context(trace=[]):
-            program(question=question.question)
-            trace = list(dspy.settings.trace)
-        return [dict(inputs) for called, inputs, _ in trace if called is predictor]
+    def _traced_inputs(self, program: dspy.Module, predictor: dspy.Predict, questions: list[Question],
+                       name: str) -> list[list[dict]]:
+        """The inputs of every call of ``predictor`` while the program answers each question (in threads)."""
+        from apexdsp.optimizers.rollouts import run_traced
 
-
-def _progress(items: list, label: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=label, unit="question")
+        examples = [dspy.Example(question=q.question).with_inputs("question") for q in questions]
+        rollouts = run_traced(program, examples, threads=self.threads, progress=self.progress)
+        failed = [r for r in rollouts if r.error]
+        if failed:
+            logger.warning("collect %s: the program raised on %d of %d questions (first: %s); their calls are "
+                           "not used", name, len(failed), len(rollouts), failed[0].error)
+        return [[dict(inputs) for called, inputs, _ in r.trace if called is predictor] for r in rollouts]
 
 
 def prompts_key(module: str, trainset: list[Question], program: dspy.Module) -> str:

@@ -111,6 +111,22 @@ def test_collector_runs_the_program_for_downstream_modules(tiny_lm, questions):
         find_predictor(program, "missing")
 
 
+class PlanOnlyFailingOnce(PlanOnly):
+    def forward(self, question: str):
+        if question.startswith("Which"):
+            raise RuntimeError("this question breaks the program")
+        return super().forward(question)
+
+
+def test_collector_keeps_the_other_questions_when_the_program_raises_on_one(tiny_lm, questions, caplog):
+    picked = [q.model_copy(update={"question": "Which one fails?"}) if i == 1 else q
+              for i, q in enumerate(questions[:3])]
+    prompts = ModulePromptCollector("planner.write_plan", direct=False, progress=False, threads=3).collect(
+        PlanOnlyFailingOnce(), picked)
+    assert [p.question.id for p in prompts] == [picked[0].id, picked[2].id]  # order kept, the failure skipped
+    assert "raised on 1 of 3 questions" in caplog.text
+
+
 def test_reward_function_scores_the_reply_after_a_prefilled_header(tiny_lm, questions):
     """TRL hands over what the model wrote after the prefilled header; the reward sees the whole reply
     (and a model that writes the header again is not penalised for it)."""
