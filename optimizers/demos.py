@@ -30,6 +30,7 @@ from apexdsp.programs.base import clean_answer
 from apexdsp.programs.evidence import clean_query, is_non_answer, parse_yes_no, strip_echo
 from apexdsp.programs.executor import AnalyzeAnswer, RewriteQuery, WriteQuery
 from apexdsp.programs.planner import WritePlan, parse_plan
+from apexdsp.programs.qagent import WriteQueries, parse_queries
 from apexdsp.programs.reflector import Reflect
 from apexdsp.rewards import RewardResult, answer_reward, decomposition_rewards, frozen_generator_reward
 
@@ -143,10 +144,20 @@ class _Judged:
     rewards: dict[str, float]
 
 
+def echoes_template(predictor: Any, outputs: dict) -> bool:
+    """Whether an output repeats the adapter's field template (``{question}``) instead of filling it: a
+    small LM copies it from the system message, and the program's fallbacks hide that from the trace gate."""
+    names = {*(getattr(_signature(predictor), "input_fields", {}) or {}),
+             *(getattr(_signature(predictor), "output_fields", {}) or {})}
+    return any(f"{{{name}}}" in str(value) for value in outputs.values() for name in names)
+
+
 def _judge_call(predictor: Any, inputs: dict, outputs: dict, rollout: Rollout, verdict: TraceVerdict,
                 gates: DemoGates, first_plan: bool) -> _Judged:
     trace_rewards = {"answer_f1": verdict.f1, "answer_em": verdict.em, **({"hit": verdict.hit}
                                                                          if verdict.hit is not None else {})}
+    if echoes_template(predictor, outputs):
+        return _Judged(False, 0.0, outputs, {})
     if _is(predictor, WritePlan):
         parsed = parse_plan(outputs.get("plan"), str(inputs.get("question", "")), max_steps=gates.plan_max_steps)
         reward = verdict.plan if first_plan else None
@@ -163,6 +174,17 @@ def _judge_call(predictor: Any, inputs: dict, outputs: dict, rollout: Rollout, v
         if found is None or not gates.require_query_hit:
             return _Judged(True, verdict.score, {**outputs, "query": query}, trace_rewards)
         return _Judged(found, verdict.score + found, {**outputs, "query": query}, {**trace_rewards, "query_hit": found})
+    if _is(predictor, WriteQueries):  # QAgent: the queries the program would take from this output
+        anchor = f"{inputs.get('question', '')} {inputs.get('plan', '')}"
+        queries = parse_queries(str(outputs.get("queries") or ""), [], [], limit=3, anchor=anchor)
+        if not queries:  # nothing usable: the round ran on the fallbacks (sub-questions, the question)
+            return _Judged(False, 0.0, outputs, {})
+        found = [f for f in (_query_found_gold(q, rollout) for q in queries) if f is not None]
+        hit = max(found) if found else None
+        shown = {**outputs, "queries": "\n".join(queries)}
+        if hit is None or not gates.require_query_hit:
+            return _Judged(True, verdict.score, shown, trace_rewards)
+        return _Judged(bool(hit), verdict.score + hit, shown, {**trace_rewards, "query_hit": hit})
     if _is(predictor, AnalyzeAnswer):
         answer = strip_echo(clean_answer(outputs.get("answer")))
         said = parse_yes_no(outputs.get("answered"))

@@ -69,7 +69,7 @@ def test_program_that_searches_needs_an_index(data_dir):
     assert_one_line_error(result, "--index")
 
 
-@pytest.mark.parametrize("optimizer, needle", [("grpo(planner)", "start with 'bootstrap'"),
+@pytest.mark.parametrize("optimizer, needle", [("grpo(planner)+bootstrap", "comes first"),
                                                ("bootstrap+grpo(", "bad stage 'grpo('")])
 def test_compile_optimizer_stages_are_checked_before_any_work(data_dir, optimizer, needle):
     result = run_cli("compile", "--optimizer", optimizer, "--trainset", str(data_dir / "hotpotqa" / "train.jsonl"),
@@ -81,6 +81,8 @@ def test_compile_weight_stages_parse_into_grpo_and_sft_stages():
     from apexdsp.cli.compile_cmd import weight_stages
 
     assert weight_stages("bootstrap", 5, 0.0) == []
+    alone = weight_stages("grpo(write_queries)", 5, 0.0)  # weight stages alone train the uncompiled program
+    assert [(s.kind, s.module) for s in alone] == [("grpo", "write_queries")]
     stages = weight_stages("bootstrap+grpo(planner)+sft(executor)", 5, 0.0)
     assert [(s.kind, s.module) for s in stages] == [("grpo", "planner"), ("sft", "executor")]
     assert stages[0].grpo.max_steps == 5 and stages[0].grpo.beta == 0.0

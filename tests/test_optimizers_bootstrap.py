@@ -354,3 +354,37 @@ def test_the_first_candidate_shows_each_answer_before_repeating_one():
     assert [d.example_id for d in diverse_answers(ranked, 2)] == ["q0", "q3"]
     assert [d.example_id for d in diverse_answers(ranked, 4)] == ["q0", "q3", "q1", "q4"]
     assert [d.example_id for d in diverse_answers(ranked[:1], 3)] == ["q0"]
+
+
+def test_query_writing_demos_must_carry_queries_the_program_would_use():
+    """QAgent's write_queries: an output that copies the adapter's ``{question}`` template (the program then
+    searched with its fallbacks, so the run still found the answer) is never a demo; a real one is, cleaned."""
+    from apexdsp.data.records import Question
+    from apexdsp.indexes.baselines import BM25Retriever
+    from apexdsp.indexes.corpus import Corpus
+    from apexdsp.optimizers.demos import echoes_template, extract_demos, judge_rollouts
+    from apexdsp.optimizers.rollouts import Rollout
+    from apexdsp.programs.trajectory import RetrievedPassage, Trajectory
+
+    jaws = "Jaws is a 1975 American thriller film directed by Steven Spielberg."
+    retriever = BM25Retriever(Corpus(passages=[Passage(id="p0", title="Jaws (film)", text=jaws),
+                                               Passage(id="p2", title="Sharks", text="Sharks are fish.")]))
+    question = Question(id="q1", question="Who directed Jaws?", answer="Steven Spielberg",
+                        supporting_titles=["Jaws (film)"])
+    program = build_program("qagent", retriever=retriever)
+    trajectory = Trajectory(program="qagent", question=question.question, answer="Steven Spielberg")
+    trajectory.retrieved = [RetrievedPassage(pid="p0", title="Jaws (film)", text=jaws, query="Jaws film director")]
+    inputs = {"question": question.question, "plan": "1. Who directed Jaws?"}
+    copied = (program.write_queries, inputs, dspy.Prediction(queries="{question}"))
+    written = (program.write_queries, inputs, dspy.Prediction(queries="Queries:\n1. Jaws film director\n2. ok"))
+    assert echoes_template(program.write_queries, {"queries": "{question}"})
+    assert not echoes_template(program.write_queries, {"queries": "Jaws film director"})
+    names = {id(p): n for n, p in program.named_predictors()}
+    for trace, expected in (([copied], None), ([copied, written], "Jaws film director")):
+        rollout = Rollout(question=question, example=dspy.Example(question=question.question).with_inputs("question"),
+                          prediction=dspy.Prediction(answer="Steven Spielberg", trajectory=trajectory), trace=trace)
+        [verdict] = judge_rollouts([rollout], DemoGates(), retriever)
+        demos, rejected = extract_demos(rollout, verdict, names, DemoGates())
+        assert verdict.passed and rejected == {"write_queries": 1}  # the copied template, each time
+        assert [d.example["queries"] for d in demos if d.predictor == "write_queries"] == (
+            [expected] if expected else [])

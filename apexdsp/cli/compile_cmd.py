@@ -84,6 +84,11 @@ def compile_program(
                           as_json=as_json)
         return
     stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, seed=grpo_seed)
+    if not optimizer.strip().startswith("bootstrap"):  # weight stages on the uncompiled program
+        student = build_program(program, retriever=optional_retriever(index), **program_options(option))
+        _train_weights(student, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index, lm=lm,
+                       stages=stages, as_json=as_json)
+        return
     try:
         config = BootstrapConfig(
             gates=DemoGates(min_answer_f1=min_answer_f1, accept_hit=accept_hit, min_plan_reward=min_plan_reward,
@@ -215,9 +220,11 @@ def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: fl
             raise ApexError(f"--optimizer {optimizer!r} with --start-from: {start_from} is already compiled; "
                             "name only weight stages (e.g. 'grpo(planner)')")
         return parse_stages("+".join(parts), config)
-    if not parts or parts[0] != "bootstrap":
-        raise ApexError(f"--optimizer {optimizer!r}: start with 'bootstrap' (e.g. 'bootstrap+grpo(planner)'), "
-                        "or continue a compiled program with --start-from")
+    if "bootstrap" in parts[1:]:
+        raise ApexError(f"--optimizer {optimizer!r}: 'bootstrap' is the prompt stage and comes first "
+                        "(e.g. 'bootstrap+grpo(planner)')")
+    if not parts or parts[0] != "bootstrap":  # weight stages only, on the uncompiled program
+        return parse_stages("+".join(parts), config)
     if len(parts) == 1:
         return []
     return parse_stages("+".join(parts[1:]), config)
@@ -226,30 +233,41 @@ def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: fl
 def _continue_compile(start_from: Path, optimizer: str, *, out: Path, trainset: Path, limit_train: int | None,
                       index: Path | None, lm: str, stages: list, as_json: bool) -> None:
     """Run weight stages on a saved compiled program and save the result to ``out`` (never over it)."""
-    from apexdsp.optimizers.compiled import DataRef, examples_digest, index_ref, load_compiled, save_compiled
-    from apexdsp.optimizers.schedule import ProgressiveSchedule
-    from apexdsp.runtime import configure_dspy
+    from apexdsp.optimizers.compiled import load_compiled
 
     if out.expanduser().resolve() == start_from.expanduser().resolve():
         raise ApexError(f"--out {out} is --start-from: write the trained program elsewhere, so the stage-1 "
                         "program is kept whatever happens")
+    loaded = load_compiled(start_from, retriever=optional_retriever(index))
+    _train_weights(loaded.program, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index,
+                   lm=lm, stages=stages, as_json=as_json, start_from=start_from, manifest=loaded.manifest)
+
+
+def _train_weights(program, optimizer: str, *, out: Path, trainset: Path, limit_train: int | None,
+                   index: Path | None, lm: str, stages: list, as_json: bool, start_from: Path | None = None,
+                   manifest=None) -> None:
+    """Run the weight stages on ``program`` (loaded from ``start_from``, or uncompiled) and save it to ``out``."""
+    from apexdsp.optimizers.compiled import DataRef, examples_digest, index_ref, save_compiled
+    from apexdsp.optimizers.schedule import ProgressiveSchedule
+    from apexdsp.runtime import configure_dspy
+
     train = require_questions(trainset, limit_train)
-    retriever = optional_retriever(index)
-    loaded = load_compiled(start_from, retriever=retriever)
+    retriever = getattr(program, "retriever", None)
     configure_dspy(lm=lm)
     started = time.perf_counter()
     schedule = ProgressiveSchedule(stages, out.parent / f".{out.name}.stages", retriever=retriever,
                                    experiment=COMPILE_EXPERIMENT)
     with contextlib.redirect_stdout(sys.stderr):
-        compiled = schedule.compile(loaded.program, trainset=train)
+        compiled = schedule.compile(program, trainset=train)
     seconds = time.perf_counter() - started
-    data = {**loaded.manifest.data,
+    data = {**(manifest.data if manifest else {}),
             "weight_trainset": DataRef(path=str(trainset), examples=len(train), sha256=examples_digest(train))}
-    optimizer_info = {"name": optimizer, "start_from": str(start_from), "seconds": seconds,
-                      "previous": loaded.manifest.optimizer, "stages": [_stage_summary(r) for r in schedule.results]}
-    save_compiled(compiled, out, lm=lm, index=index_ref(index) if index else loaded.manifest.index, data=data,
-                  optimizer=optimizer_info)
-    summary = {"out": str(out), "start_from": str(start_from), "compile_seconds": round(seconds, 1),
+    optimizer_info = {"name": optimizer, "start_from": str(start_from or "uncompiled"), "seconds": seconds,
+                      "previous": manifest.optimizer if manifest else {},
+                      "stages": [_stage_summary(r) for r in schedule.results]}
+    index_entry = index_ref(index) if index else (manifest.index if manifest else None)
+    save_compiled(compiled, out, lm=lm, index=index_entry, data=data, optimizer=optimizer_info)
+    summary = {"out": str(out), "start_from": str(start_from or "uncompiled"), "compile_seconds": round(seconds, 1),
                "stages": optimizer_info["stages"]}
     if as_json:
         print(json.dumps(summary, default=str))
