@@ -321,3 +321,30 @@ def test_end_of_turn_token_is_the_models():
     model = type("M", (), {"generation_config": AutoModelForCausalLM.from_pretrained(folder).generation_config})
     align_end_of_turn(tokenizer, model)
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_weight_stages_alone_compile_the_uncompiled_program_from_the_command_line(tiny_model_dir, data_dir,
+                                                                                   tmp_path):
+    """``apexdsp compile --optimizer 'grpo(...)'`` without bootstrap trains the uncompiled program's module and
+    saves a compiled directory that ``evaluate --compiled`` runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    apexdsp = str(Path(sys.executable).parent / "apexdsp")
+    out = tmp_path / "vanilla-grpo"
+    result = subprocess.run([apexdsp, "compile", "--program", "vanilla", "--optimizer", "grpo(generate_answer:answer)",
+                             "--lm", str(tiny_model_dir), "--trainset", str(data_dir / "hotpotqa" / "train.jsonl"),
+                             "--limit-train", "4", "--grpo-steps", "1", "--grpo-beta", "0", "--out", str(out),
+                             "--no-track", "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["start_from"] == "uncompiled" and summary["stages"][0]["steps"] == 1
+    assert (out / "weights" / "generate_answer" / "model.safetensors").is_file()
+    manifest = json.loads((out / "apexdsp-compiled.json").read_text())
+    assert manifest["program"] == "vanilla" and manifest["optimizer"]["start_from"] == "uncompiled"
+    evaluated = subprocess.run([apexdsp, "evaluate", "--compiled", str(out), "--lm", str(tiny_model_dir),
+                                "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"), "--limit", "1",
+                                "--no-track", "--json"], capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout)["n"] == 1
