@@ -85,9 +85,10 @@ def compile_program(
         return
     stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, seed=grpo_seed)
     if not optimizer.strip().startswith("bootstrap"):  # weight stages on the uncompiled program
-        student = build_program(program, retriever=optional_retriever(index), **program_options(option))
+        retriever = optional_retriever(index)
+        student = build_program(program, retriever=retriever, **program_options(option))
         _train_weights(student, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index, lm=lm,
-                       stages=stages, as_json=as_json)
+                       stages=stages, as_json=as_json, retriever=retriever)
         return
     try:
         config = BootstrapConfig(
@@ -238,21 +239,24 @@ def _continue_compile(start_from: Path, optimizer: str, *, out: Path, trainset: 
     if out.expanduser().resolve() == start_from.expanduser().resolve():
         raise ApexError(f"--out {out} is --start-from: write the trained program elsewhere, so the stage-1 "
                         "program is kept whatever happens")
-    loaded = load_compiled(start_from, retriever=optional_retriever(index))
+    retriever = optional_retriever(index)
+    loaded = load_compiled(start_from, retriever=retriever)
     _train_weights(loaded.program, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index,
-                   lm=lm, stages=stages, as_json=as_json, start_from=start_from, manifest=loaded.manifest)
+                   lm=lm, stages=stages, as_json=as_json, retriever=retriever, start_from=start_from,
+                   manifest=loaded.manifest)
 
 
 def _train_weights(program, optimizer: str, *, out: Path, trainset: Path, limit_train: int | None,
-                   index: Path | None, lm: str, stages: list, as_json: bool, start_from: Path | None = None,
-                   manifest=None) -> None:
-    """Run the weight stages on ``program`` (loaded from ``start_from``, or uncompiled) and save it to ``out``."""
+                   index: Path | None, lm: str, stages: list, as_json: bool, retriever=None,
+                   start_from: Path | None = None, manifest=None) -> None:
+    """Run the weight stages on ``program`` (loaded from ``start_from``, or uncompiled) and save it to ``out``.
+
+    ``retriever`` is the index the rewards search (the decomposition reward's executability needs it)."""
     from apexdsp.optimizers.compiled import DataRef, examples_digest, index_ref, save_compiled
     from apexdsp.optimizers.schedule import ProgressiveSchedule
     from apexdsp.runtime import configure_dspy
 
     train = require_questions(trainset, limit_train)
-    retriever = getattr(program, "retriever", None)
     configure_dspy(lm=lm)
     started = time.perf_counter()
     schedule = ProgressiveSchedule(stages, out.parent / f".{out.name}.stages", retriever=retriever,
