@@ -9,6 +9,14 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class VanillaConfig(BaseModel):
+    """Closed-book budget: how many tokens the one answer may take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(24, ge=1, description="max new tokens of the answer")
+
+
 class AgentConfig(BaseModel):
     """What every program that searches shares: retrieval depth, passage length, answer budget."""
 

@@ -67,7 +67,3 @@ def build_program(name: str, retriever: Any = None, **options: Any) -> QAProgram
     except ValidationError as error:  # a misspelt or out-of-range option
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'option'}: {e['msg']}" for e in error.errors())
         raise ApexError(f"program {name!r}: bad option ({problems})") from None
-    except TypeError as error:  # a program with plain constructor arguments (vanilla)
-        if "unexpected keyword argument" not in str(error):
-            raise
-        raise ApexError(f"program {name!r}: bad option ({str(error).split('() ')[-1]})") from None

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dspy
 
+from typing import Any
+
 from apexdsp.programs.base import QAProgram
+from apexdsp.programs.config import VanillaConfig
 from apexdsp.programs.trajectory import Trajectory
 
 
@@ -20,10 +23,11 @@ class Vanilla(QAProgram):
 
     name = "vanilla"
 
-    def __init__(self, max_tokens: int = 24):
+    def __init__(self, config: VanillaConfig | None = None, **options: Any):
         super().__init__()
+        self.config = config or VanillaConfig(**options)
         # A short answer needs a few tokens; without a bound a small model can ramble to the LM's limit.
-        self.generate_answer = dspy.Predict(AnswerClosedBook, max_tokens=max_tokens)
+        self.generate_answer = dspy.Predict(AnswerClosedBook, max_tokens=self.config.max_tokens)
 
     def run(self, question: str, trajectory: Trajectory) -> str:
         return self.generate_answer(question=question).answer

@@ -84,9 +84,10 @@ def compile_program(
                           as_json=as_json)
         return
     stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, seed=grpo_seed)
-    if not optimizer.strip().startswith("bootstrap"):  # weight stages on the uncompiled program
+    options = program_options(option)
+    if not bootstraps_first(optimizer):  # weight stages on the uncompiled program
         retriever = optional_retriever(index)
-        student = build_program(program, retriever=retriever, **program_options(option))
+        student = build_program(program, retriever=retriever, **options)
         _train_weights(student, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index, lm=lm,
                        stages=stages, as_json=as_json, retriever=retriever)
         return
@@ -104,7 +105,7 @@ def compile_program(
     if plan_demos and not any(q.decomposition for q in labeled):
         raise ApexError(f"{plan_demos}: no question has a gold decomposition (field 'decomposition')")
     retriever = optional_retriever(index)
-    student = build_program(program, retriever=retriever, **program_options(option))
+    student = build_program(program, retriever=retriever, **options)
     configure_dspy(lm=lm)
     # Finished phases are kept beside --out until the program is saved: a rerun after an interruption resumes.
     checkpoint = out.parent / f".{out.name}.checkpoint.json"
@@ -207,6 +208,11 @@ def demo_budgets(plan_demos: int, answer_demos: int | None) -> dict[str, int]:
     return budgets
 
 
+def bootstraps_first(optimizer: str) -> bool:
+    """Whether ``--optimizer`` opens with the prompt stage (``bootstrap+...``)."""
+    return optimizer.split("+")[0].strip() == "bootstrap"
+
+
 def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: float = 1e-5,
                   start_from: Path | None = None, seed: int = 0) -> list:
     """The weight-training stages of ``--optimizer``: after ``bootstrap`` (none for plain ``bootstrap``),
@@ -224,7 +230,7 @@ def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: fl
     if "bootstrap" in parts[1:]:
         raise ApexError(f"--optimizer {optimizer!r}: 'bootstrap' is the prompt stage and comes first "
                         "(e.g. 'bootstrap+grpo(planner)')")
-    if not parts or parts[0] != "bootstrap":  # weight stages only, on the uncompiled program
+    if not bootstraps_first(optimizer):  # weight stages only, on the uncompiled program
         return parse_stages("+".join(parts), config)
     if len(parts) == 1:
         return []
