@@ -125,6 +125,39 @@ def _bootstrap(program: Any, settings: dict[str, Any], context: StageContext) ->
         context.metrics.update(_numbers(report.passed, "passed_"))
         context.metrics.update(_numbers(report.best(), "chosen_"))
         context.metrics["demos_chosen"] = float(sum(d.chosen for d in report.demos))
+        context.metrics.update(_calibration_metrics(report.calibration))
+    return compiled
+
+
+# -- calibrate (optimizers/calibration.py) ----------------------------------------------------------------
+
+def _calibration_config(settings: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    config_class = import_optimizer("apexdsp.optimizers.calibration:CalibrationConfig", "calibrate")
+    try:
+        return config_class(**settings)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _calibration_metrics(report: Any) -> dict[str, float]:
+    """Per choice step: its offset and how many training calls it answered right before and after."""
+    metrics: dict[str, float] = {}
+    for fit in getattr(report, "predictors", None) or []:
+        if fit.skipped is None:
+            metrics.update(_numbers({"offset": fit.offset, "raw_correct": fit.raw_correct, "calls": fit.calls,
+                                     "calibrated_correct": fit.calibrated_correct},
+                                    f"calibration.{fit.predictor}."))
+    return metrics
+
+
+def _calibrate(program: Any, settings: dict[str, Any], context: StageContext) -> Any:
+    optimizer_class = import_optimizer(STAGE_KINDS["calibrate"].optimizer, "calibrate")
+    optimizer = optimizer_class(_calibration_config({"threads": context.threads, **settings}))
+    compiled = optimizer.compile(program, trainset=context.trainset)
+    context.metrics.update(_calibration_metrics(optimizer.report))
     return compiled
 
 
@@ -222,6 +255,9 @@ STAGE_KINDS: dict[str, StageKind] = {
                      "supervised fine-tuning of the executor on high-reward trajectories (issue 6)",
                      config="apexdsp.optimizers.sft:SFTStageConfig",
                      check=lambda settings: _check_trainer("sft", settings, _SFT_CALL)),
+    "calibrate": StageKind("calibrate", "apexdsp.optimizers.calibration:ChoiceCalibration", _calibrate,
+                           "offsets of the yes/no and A/B answer steps fitted on the trainset (no weights)",
+                           check=lambda settings: _calibration_config(settings)),
     "labeled": StageKind("labeled", "dspy:LabeledFewShot", _labeled,
                          "DSPy's LabeledFewShot: k gold question/answer demos per module", check=_check_labeled),
 }

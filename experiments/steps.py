@@ -339,7 +339,8 @@ class EvaluateStep(Step):
         program = load_program(context, context.step_dir(self.compiled) / "program" if self.compiled else None)
         with contextlib.redirect_stdout(sys.stderr):  # DSPy's progress bar
             report = evaluate_program(program, questions, threads=spec.evaluation.threads,
-                                      retrieves=spec.program.name not in RETRIEVAL_FREE, progress=True)
+                                      retrieves=spec.program.name not in RETRIEVAL_FREE, progress=True,
+                                      checkpoint=work_dir / "progress.jsonl")  # a killed evaluation resumes
         write_json_atomic(report.model_dump(), work_dir / "report.json")
         params = {"program": spec.program.name, "stage": self.label, "lm": spec.lm.default,
                   "lm_modules": spec.lm.modules, "test": spec.data.test.describe(), "n": report.n,
@@ -370,11 +371,14 @@ def plan_steps(spec: ExperimentSpec) -> list[Step]:
     compiled: dict[str, CompileStep | None] = {"uncompiled": None}
     previous = None
     labels = stage_labels([stage.label for stage in spec.optimizer.stages])
+    evaluated = set(spec.checkpoints())
+    if "uncompiled" in evaluated:
+        steps.append(EvaluateStep(spec, "uncompiled", list(base), None, searched))
+    # Each stage's evaluation right after it: a run stopped half-way has a comparable row per stage so far.
     for position, label in enumerate(labels):
         previous = CompileStep(spec, position, label, base + ([previous] if previous else []), previous, searched)
         compiled[label] = previous
         steps.append(previous)
-    for label in spec.checkpoints():
-        step = compiled[label]
-        steps.append(EvaluateStep(spec, label, base + ([step] if step else []), step, searched))
+        if label in evaluated:
+            steps.append(EvaluateStep(spec, label, base + [previous], previous, searched))
     return steps

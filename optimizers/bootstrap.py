@@ -1,7 +1,8 @@
 """Reward-gated bootstrapping: few-shot demos for each module, chosen by the rewards later stages train on.
 
     trainset --teacher, traced--> rollouts --trace gate--> passing runs --module gates--> demo pools
-    demo pools --random search--> candidate demo sets --valset, metric--> the compiled student
+    demo pools --random search--> candidate demo sets --valset, metric--> the chosen student
+    the chosen student --choice calibration on the trainset--> the compiled student
 
 The shape is DSPy's ``BootstrapFewShotWithRandomSearch``; what differs is *which* traces become demos.
 DSPy keeps a trace when one metric accepts the final answer, and then every module call in it becomes a
@@ -33,6 +34,7 @@ from apexdsp.errors import ApexError
 from apexdsp.indexes.base import Retriever
 from apexdsp.optimizers.checkpoint import CompileCheckpoint, fingerprint
 from apexdsp.optimizers.compiled import examples_digest
+from apexdsp.optimizers.calibration import CalibrationConfig, CalibrationReport, ChoiceCalibration
 from apexdsp.optimizers.candidates import CandidateScore, Metric, build_candidates, score_candidate, with_demos
 from apexdsp.optimizers.config import BootstrapConfig
 from apexdsp.optimizers.demos import Demo, TraceVerdict, extract_demos, judge_rollouts, labeled_plan_demos
@@ -70,6 +72,7 @@ class BootstrapReport(BaseModel):
     demos: list[DemoStats]
     bootstrap_seconds: float
     selection_seconds: float
+    calibration: CalibrationReport | None = None  # the choice offsets fitted after selection
 
     def best(self) -> dict[str, Any]:
         return next(c for c in self.candidates if c["index"] == self.chosen)
@@ -133,10 +136,18 @@ class RewardBootstrap(Teleprompter):
         selection_seconds = time.perf_counter() - started
 
         compiled = programs[best.index]
+        calibration = None
+        if self.config.calibrate_choices:
+            # After the demos: they are part of the prompt whose bias the offsets correct.
+            calibrator = ChoiceCalibration(CalibrationConfig(threads=self.config.threads,
+                                                             progress=self.config.progress))
+            compiled = calibrator.compile(compiled, trainset=train)  # the student's LM, not the teacher's
+            calibration = calibrator.report
         compiled._compiled = True
         self.report = _report(train, val or train, verdicts, errors, scores, best, pool, rejected,
                               demo_sets[best.index] if best.index >= 0 else {}, student,
                               bootstrap_seconds, selection_seconds)
+        self.report.calibration = calibration
         _say(self.config, f"chosen: {best.label} ({self.config.metric} {best.metric:.3f} on "
                           f"{len(val or train)} validation questions)")
         return compiled

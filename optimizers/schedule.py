@@ -24,6 +24,7 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from apexdsp.errors import ApexError
+from apexdsp.optimizers.calibration import ChoiceCalibration
 from apexdsp.optimizers.grpo import COMPILE_EXPERIMENT, ModuleGRPO, _has_active_run
 from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
 from apexdsp.optimizers.module_rewards import DEFAULT_MODULE_REWARDS
@@ -35,9 +36,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Stage:
-    """One training stage: GRPO of one module on one reward, or SFT of some modules."""
+    """One stage: GRPO of one module on one reward, SFT of some modules, or the choice calibration
+    (``calibrate``: no weights, the yes/no and A/B steps' offsets; :mod:`.calibration`)."""
 
-    kind: Literal["grpo", "sft"]
+    kind: Literal["grpo", "sft", "calibrate"]
     module: str
     reward: str | None = None  # GRPO: a module reward name (default: DEFAULT_MODULE_REWARDS[module])
     reward_options: dict[str, Any] = field(default_factory=dict)
@@ -97,9 +99,13 @@ def parse_stages(spec: str, config: ModuleGRPOConfig | None = None) -> list[Stag
     for part in (p.strip() for p in spec.split("+") if p.strip()):
         if part == "bootstrap":
             continue
+        if part == "calibrate":
+            stages.append(Stage("calibrate", "choices"))
+            continue
         match = _STAGE.match(part)
         if match is None:
-            raise ApexError(f"bad stage {part!r} in {spec!r}; write grpo(MODULE), grpo(MODULE:REWARD) or sft(MODULE)")
+            raise ApexError(f"bad stage {part!r} in {spec!r}; write grpo(MODULE), grpo(MODULE:REWARD), sft(MODULE) "
+                            "or calibrate")
         kind, module, reward = match.groups()
         stages.append(Stage(kind, module, reward, grpo=config))  # type: ignore[arg-type]
     if not stages:
@@ -134,6 +140,11 @@ class ProgressiveSchedule(Teleprompter):
         return program
 
     def _run(self, stage: Stage, program: dspy.Module, trainset: list[Any]) -> dspy.Module:
+        if stage.kind == "calibrate":
+            calibration = ChoiceCalibration()
+            calibrated = calibration.compile(program, trainset=trainset)
+            self.results.append(calibration.report)
+            return calibrated
         if stage.kind == "sft":
             sft = ModuleSFT(self.out_dir, stage.sft, experiment=self.experiment)
             trained = sft.compile(program, trainset=trainset, modules=(stage.module,), name=stage.name)

@@ -10,7 +10,8 @@ question (22 of the 300 HotpotQA dev questions) goes to ``decide``, whose answer
 sentence, which exact match never credits. An "X or Y" comparison (42 of the 300) goes to ``choose``,
 which reads the two options as ``A)`` and ``B)`` and answers ``Literal["A", "B"]``; the answer is then the
 chosen option's own words, so it can match exactly, where the open predictor wrote both names or a
-passage line. With a local LM each typed answer is one constrained token (:mod:`apexdsp.lm.adapter`).
+passage line. With a local LM each typed answer is one constrained token (:mod:`apexdsp.lm.adapter`), and
+both typed predictors carry offsets that compiling calibrates (:mod:`.choice`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Literal
 import dspy
 
 from apexdsp.programs.base import clean_answer
+from apexdsp.programs.choice import ChoicePredict
 from apexdsp.programs.evidence import format_passages, is_non_answer, strip_echo
 from apexdsp.programs.question_forms import chosen_option, choice_options, format_options, is_yes_no_question
 from apexdsp.programs.trajectory import RetrievedPassage, SubGoalRecord
@@ -109,8 +111,8 @@ class AnswerStep(dspy.Module):
         super().__init__()
         self.passage_chars = passage_chars
         self.generate = dspy.Predict(AnswerFromFindings, max_tokens=max_tokens)
-        self.decide = dspy.Predict(DecideFromFindings, max_tokens=8)
-        self.choose = dspy.Predict(ChooseFromFindings, max_tokens=8)
+        self.decide = ChoicePredict(DecideFromFindings, max_tokens=8)
+        self.choose = ChoicePredict(ChooseFromFindings, max_tokens=8)
 
     def forward(self, question: str, findings: str, passages: Sequence[RetrievedPassage],
                 records: Sequence[SubGoalRecord] = ()) -> dspy.Prediction:
@@ -131,8 +133,8 @@ class PassageReader(dspy.Module):
         super().__init__()
         self.passage_chars = passage_chars
         self.generate = dspy.Predict(AnswerFromPassages, max_tokens=max_tokens)
-        self.decide = dspy.Predict(DecideFromPassages, max_tokens=8)
-        self.choose = dspy.Predict(ChooseFromPassages, max_tokens=8)
+        self.decide = ChoicePredict(DecideFromPassages, max_tokens=8)
+        self.choose = ChoicePredict(ChooseFromPassages, max_tokens=8)
 
     def forward(self, question: str, passages: Sequence) -> dspy.Prediction:
         raw = answer_by_form(question, generate=self.generate, decide=self.decide, choose=self.choose,

@@ -34,14 +34,14 @@ def test_run_logs_parent_and_children_then_a_rerun_does_no_work(tmp_path, data_d
     cache = tmp_path / "cache"
     summary = runner_for(spec_path, cache).run()
     assert [(s.kind, s.label, s.status) for s in summary.steps] == [
-        ("compile", "labeled", "computed"), ("evaluate", "uncompiled", "computed"), ("evaluate", "labeled", "computed")]
+        ("evaluate", "uncompiled", "computed"), ("compile", "labeled", "computed"), ("evaluate", "labeled", "computed")]
     for step in summary.steps:  # every step: artifacts, then result.json, in its own content-keyed folder
         result = json.loads((cache / step.key / "result.json").read_text())
         assert result["key"] == step.key and result["kind"] == step.kind
-    assert (cache / summary.steps[0].key / "program" / "program.json").is_file()
-    state = json.loads((cache / summary.steps[0].key / "program" / "program.json").read_text())
+    assert (cache / summary.steps[1].key / "program" / "program.json").is_file()
+    state = json.loads((cache / summary.steps[1].key / "program" / "program.json").read_text())
     assert len(state["reader.generate"]["demos"]) == 2  # the stage really attached demos
-    report = json.loads((cache / summary.steps[1].key / "report.json").read_text())
+    report = json.loads((cache / summary.steps[0].key / "report.json").read_text())
     assert report["n"] == 2 and 0 <= report["f1"] <= 1 and report["hit"] is not None
 
     parent = mlflow.get_run(summary.parent_run_id)

@@ -27,7 +27,7 @@ def test_checked_in_specs_load_and_plan_uncompiled_bootstrap_grpo(path, data_dir
     assert spec.checkpoints() == ["uncompiled", "bootstrap", "bootstrap+grpo"]
     assert spec.data.test.file.is_relative_to(data_dir)  # found in the shared data folder
     kinds = [step.kind for step in plan_steps(spec)]
-    assert kinds == ["encoder", "index", "compile", "compile", "evaluate", "evaluate", "evaluate"]
+    assert kinds == ["encoder", "index", "evaluate", "compile", "evaluate", "compile", "evaluate"]
 
 
 def test_specs_of_one_dataset_share_the_encoder_and_index_steps():

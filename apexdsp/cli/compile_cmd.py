@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
 def compile_program(
     program: Annotated[str, typer.Option(help="Program name: rag, apex, opera, qagent, vanilla.")] = "apex",
     optimizer: Annotated[str, typer.Option(help=(
-        "Stages, '+'-separated: bootstrap, then weight stages such as grpo(planner), "
+        "Stages, '+'-separated: bootstrap, then calibrate or weight stages such as grpo(planner), "
         "grpo(executor.analyze:answer), sft(executor); e.g. 'bootstrap+grpo(planner)'."))] = "bootstrap",
     index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
     trainset: Annotated[Path, typer.Option(help="Training questions JSONL.")] = Path(
@@ -57,6 +57,9 @@ def compile_program(
     min_final_answer_f1: Annotated[float, typer.Option(help="Answer-step demos: answer F1 at least.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the candidate sampling.")] = 0,
     score_zero_shot: Annotated[bool, typer.Option(help="Also score the program without demos on the valset.")] = True,
+    calibrate: Annotated[bool, typer.Option(help=(
+        "After bootstrap, fit the yes/no and A/B steps' offsets on the trainset (also a stage of its own: "
+        "--optimizer calibrate).")) ] = True,
     grpo_steps: Annotated[int, typer.Option(min=1, help="GRPO steps per weight stage.")] = 20,
     grpo_beta: Annotated[float, typer.Option(min=0, help="GRPO KL weight (0 skips the reference model).")] = 0.04,
     grpo_lr: Annotated[float, typer.Option(min=0, help="GRPO learning rate.")] = 1e-5,
@@ -65,7 +68,7 @@ def compile_program(
         "--option", "-o", help="Program option KEY=VALUE, repeatable (e.g. frozen_generator=smollm2-135m).")] = None,
     start_from: Annotated[Optional[Path], typer.Option(help=(
         "A compiled program to continue (its own program; --program is not used): skip bootstrap, run only "
-        "the weight stages of --optimizer "
+        "the later stages of --optimizer (calibrate, weight stages) "
         "(e.g. --optimizer 'grpo(planner)').")) ] = None,
     track: Annotated[bool, typer.Option(help="Log the compile to MLflow.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
@@ -96,7 +99,7 @@ def compile_program(
             gates=DemoGates(min_answer_f1=min_answer_f1, accept_hit=accept_hit, min_plan_reward=min_plan_reward,
                             min_final_answer_f1=min_final_answer_f1),
             max_demos=max_demos, max_demos_by_signature=demo_budgets(max_plan_demos, max_answer_demos), num_candidates=candidates,
-            metric=metric, seed=seed, threads=threads, score_zero_shot=score_zero_shot)
+            metric=metric, seed=seed, threads=threads, score_zero_shot=score_zero_shot, calibrate_choices=calibrate)
     except ValueError as error:
         raise ApexError(f"bad compile option: {str(error).splitlines()[-1].strip()}") from None
     train = require_questions(trainset, limit_train)
@@ -168,6 +171,10 @@ def _log_compile(report, config, seconds, out, params, data_files) -> str:
                       "candidates.json")
         run.log_table([{"predictor": d.predictor, "component": k, "mean": v, "chosen": d.chosen, "pool": d.pool}
                        for d in report.demos for k, v in d.component_means.items()], "demo_rewards.json")
+        if report.calibration is not None and report.calibration.predictors:
+            run.log_table([fit.model_dump() for fit in report.calibration.predictors], "choice_calibration.json")
+            run.log_metrics({f"calibration.{fit.predictor}.offset": fit.offset
+                             for fit in report.calibration.predictors})
         run.log_json(report.model_dump(), "bootstrap_report.json")
         run.log_artifact(out, artifact_path="compiled")
         return run.run_id
@@ -286,7 +293,11 @@ def _train_weights(program, optimizer: str, *, out: Path, trainset: Path, limit_
 
 
 def _stage_summary(result) -> dict:
-    """What the manifest keeps of one weight stage (GRPO result or SFT examples)."""
+    """What the manifest keeps of one stage (GRPO result, SFT examples or the choice calibration)."""
+    from apexdsp.optimizers.calibration import CalibrationReport
+
+    if isinstance(result, CalibrationReport):
+        return {"kind": "calibrate", **result.model_dump()}
     if isinstance(result, list):
         return {"kind": "sft", "examples": len(result)}
     return {"kind": "grpo", "module": result.module, "steps": result.steps, "seconds": round(result.seconds, 1),

@@ -39,6 +39,9 @@ def evaluate(
         help="A compiled program (apexdsp compile --out DIR): its program, and its index unless --index.")] = None,
     option: Annotated[Optional[list[str]], typer.Option(
         "--option", "-o", help="Program option KEY=VALUE, repeatable (e.g. frozen_generator=smollm2-135m).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help=(
+        "A progress file (JSONL): finished questions are appended to it, and a rerun with the same file "
+        "runs only the ones it lacks. Use one file per program and question set."))] = None,
 ) -> None:
     """Evaluate a program on a question file."""
     from apexdsp.cli.inputs import optional_retriever, program_options, require_questions
@@ -74,7 +77,7 @@ def evaluate(
     # DSPy's progress bar writes to stdout; send it to stderr so that --json output stays one clean line.
     with contextlib.redirect_stdout(sys.stderr):
         report = evaluate_program(qa, records, threads=threads, retrieves=program not in RETRIEVAL_FREE,
-                                  progress=True)
+                                  progress=True, checkpoint=resume)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     local = write_json_atomic(report.model_dump(), cache_dir("runs") / f"evaluate-{program}-{stamp}.json")
@@ -84,7 +87,7 @@ def evaluate(
 
         params = {"program": program, "lm": lm, "index": str(index) if index else "", "limit": limit or "",
                   "threads": threads, "n": report.n, "cache": cache,
-                  "compiled": str(compiled or "")}
+                  "compiled": str(compiled or ""), "resumed_from": str(resume or "")}
         summary["mlflow_run_id"] = log_evaluation(report, params, {"questions": questions},
                                                   run_name=f"{program}-{Path(questions).stem}-{report.n}")
     if as_json:

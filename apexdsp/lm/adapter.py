@@ -31,6 +31,8 @@ from dspy.adapters.chat_adapter import ChatAdapter, field_header_pattern
 from dspy.adapters.utils import parse_value
 from dspy.utils.exceptions import AdapterParseError
 
+CHOICE_BIAS = "choice_bias"  # LM setting of one call: offsets per choice (ChoicePredict); never sent on
+
 _ANY_HEADER = re.compile(r"\[{1,2}\s*#{1,3}\s*\w+\s*#{1,3}\s*\]{1,2}")
 # Small models write the header with the spacing off (``[[## answer ## ]]``, ``[[ ##answer##]]``).
 _LOOSE_HEADER = re.compile(r"\[{1,2}\s*#{1,3}\s*(\w+)\s*#{1,3}\s*\]{1,2}")
@@ -105,9 +107,11 @@ class TolerantChatAdapter(ChatAdapter):
         """For one call: mark it prefilled (read by ``format`` and ``_call_postprocess``) and add the
         choice constraint to the LM settings where it applies."""
         prefilled = bool(self.reply_prefix(signature, lm))
+        lm_kwargs = dict(lm_kwargs)
+        bias = lm_kwargs.pop(CHOICE_BIAS, None)  # calibrated offsets: never sent to the LM itself
         token = _prefilling.set(prefilled)
         try:
-            yield {**lm_kwargs, **(choice_constraint(signature, lm) if prefilled else {})}
+            yield {**lm_kwargs, **(choice_constraint(signature, lm, bias) if prefilled else {})}
         finally:
             _prefilling.reset(token)
 
@@ -147,12 +151,13 @@ def _first_header(signature) -> str:
     return f"[[ ## {next(iter(signature.output_fields))} ## ]]"
 
 
-def choice_constraint(signature, lm: Any) -> dict[str, Any]:
+def choice_constraint(signature, lm: Any, bias: dict[str, float] | None = None) -> dict[str, Any]:
     """LM settings that make a local model pick one of a ``Literal`` output's choices.
 
     For a signature whose only output is a ``Literal`` whose choices are each one token (``yes``/``no``),
     the reply after the prefilled header is one token, biased to those choices (and their capitalised and
-    space-led forms): the model's own preference between them decides. SmolLM2-135M, asked freely, wrote a
+    space-led forms): the model's own preference between them decides, shifted by ``bias`` (a calibrated
+    offset per choice, :class:`apexdsp.programs.choice.ChoicePredict`). SmolLM2-135M, asked freely, wrote a
     passage marker (``[1] Gagea:``) instead of yes or no on every yes/no question tried. Other signatures,
     and choices of several tokens, get no constraint ({}).
     """
@@ -161,13 +166,16 @@ def choice_constraint(signature, lm: Any) -> dict[str, Any]:
     if len(outputs) != 1 or get_origin(outputs[0].annotation) is not Literal or tokenizer is None:
         return {}
     tokens = _choice_tokens(tokenizer, get_args(outputs[0].annotation))
-    return {"max_tokens": 1, "logit_bias": {str(token): 100 for token in tokens}} if tokens else {}
+    offsets = {str(k): float(v) for k, v in (bias or {}).items()}
+    return ({"max_tokens": 1, "logit_bias": {str(token): 100 + offsets.get(choice, 0.0) for token, choice in tokens}}
+            if tokens else {})
 
 
 @functools.lru_cache(maxsize=64)
-def _choice_tokens(tokenizer: Any, choices: tuple) -> tuple[int, ...]:
-    """The token ids :func:`choice_constraint` allows for one tokenizer and choice set (empty: a choice is
-    not one token), worked out once: every yes/no call of a run asks for the same ones."""
+def _choice_tokens(tokenizer: Any, choices: tuple) -> tuple[tuple[int, str], ...]:
+    """The token ids :func:`choice_constraint` allows for one tokenizer and choice set, each with the choice
+    it spells (empty: a choice is not one token), worked out once: every yes/no call of a run asks for the
+    same ones."""
     allowed: dict[int, str] = {}
     for choice in choices:
         for form in {str(choice), str(choice).capitalize(), f" {choice}", f" {str(choice).capitalize()}"}:
@@ -176,7 +184,7 @@ def _choice_tokens(tokenizer: Any, choices: tuple) -> tuple[int, ...]:
                 continue
             if form == str(choice):  # the bare choice is not one token: no constraint
                 return ()
-    return tuple(sorted(allowed))
+    return tuple(sorted(allowed.items()))
 
 
 def with_prefix(prefix: str, output: Any) -> Any:
