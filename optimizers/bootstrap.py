@@ -2,7 +2,7 @@
 
     trainset --teacher, traced--> rollouts --trace gate--> passing runs --module gates--> demo pools
     demo pools --random search--> candidate demo sets --valset, metric--> the chosen student
-    the chosen student --choice calibration on the trainset--> the compiled student
+    the chosen student --choice calibration on the trainset (calibrate_choices)--> the compiled student
 
 The shape is DSPy's ``BootstrapFewShotWithRandomSearch``; what differs is *which* traces become demos.
 DSPy keeps a trace when one metric accepts the final answer, and then every module call in it becomes a

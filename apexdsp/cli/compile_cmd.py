@@ -59,7 +59,7 @@ def compile_program(
     score_zero_shot: Annotated[bool, typer.Option(help="Also score the program without demos on the valset.")] = True,
     calibrate: Annotated[bool, typer.Option(help=(
         "After bootstrap, fit the yes/no and A/B steps' offsets on the trainset (also a stage of its own: "
-        "--optimizer calibrate).")) ] = True,
+        "--optimizer calibrate).")) ] = False,
     grpo_steps: Annotated[int, typer.Option(min=1, help="GRPO steps per weight stage.")] = 20,
     grpo_beta: Annotated[float, typer.Option(min=0, help="GRPO KL weight (0 skips the reference model).")] = 0.04,
     grpo_lr: Annotated[float, typer.Option(min=0, help="GRPO learning rate.")] = 1e-5,
