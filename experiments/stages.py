@@ -103,15 +103,21 @@ def _labeled(program: Any, settings: dict[str, Any], context: StageContext) -> A
 
 # -- bootstrap (issue 5: optimizers/bootstrap.py) -------------------------------------------------------
 
-def _bootstrap_config(settings: dict[str, Any]) -> Any:
+def _settings_config(target: str, kind: str, settings: dict[str, Any]) -> Any:
+    """A stage's pydantic settings class (``module:attribute``) built from ``settings``; the first error
+    names its key."""
     from pydantic import ValidationError
 
-    config_class = import_optimizer("apexdsp.optimizers.config:BootstrapConfig", "bootstrap")
+    config_class = import_optimizer(target, kind)
     try:
         return config_class(**settings)
     except ValidationError as error:
         first = error.errors()[0]
         raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _bootstrap_config(settings: dict[str, Any]) -> Any:
+    return _settings_config("apexdsp.optimizers.config:BootstrapConfig", "bootstrap", settings)
 
 
 def _bootstrap(program: Any, settings: dict[str, Any], context: StageContext) -> Any:
@@ -132,14 +138,7 @@ def _bootstrap(program: Any, settings: dict[str, Any], context: StageContext) ->
 # -- calibrate (optimizers/calibration.py) ----------------------------------------------------------------
 
 def _calibration_config(settings: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
-
-    config_class = import_optimizer("apexdsp.optimizers.calibration:CalibrationConfig", "calibrate")
-    try:
-        return config_class(**settings)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return _settings_config("apexdsp.optimizers.calibration:CalibrationConfig", "calibrate", settings)
 
 
 def _calibration_metrics(report: Any) -> dict[str, float]:

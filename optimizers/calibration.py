@@ -188,16 +188,12 @@ class ChoiceCalibration(Teleprompter):
         choices = list(choice_values(predictor))
         if len(calls) < self.config.min_calls:
             self._say(f"choice calibration: {name}: {len(calls)} labeled calls (< {self.config.min_calls}); unchanged")
-            return PredictorCalibration(predictor=name, choices=choices, calls=len(calls), offset=0.0, raw_correct=0,
-                                        calibrated_correct=0, majority_correct=0, second_share_raw=0.0,
-                                        second_share_calibrated=0.0, skipped=f"{len(calls)} labeled calls")
+            return _unchanged(name, choices, len(calls), f"{len(calls)} labeled calls")
         measured = self._flip_points(predictor, choices[1], [inputs for inputs, _ in calls], name)
         kept = [(flip, second) for flip, (_, second) in zip(measured, calls) if flip is not None]  # None: raised
         flips, labels = [flip for flip, _ in kept], [second for _, second in kept]
         if not flips:
-            return PredictorCalibration(predictor=name, choices=choices, calls=0, offset=0.0, raw_correct=0,
-                                        calibrated_correct=0, majority_correct=0, second_share_raw=0.0,
-                                        second_share_calibrated=0.0, skipped="every probe call raised")
+            return _unchanged(name, choices, 0, "every probe call raised")
         offset, correct = fit_offset(flips, labels)
         offset = round(offset, 3)
         if offset:
@@ -237,6 +233,13 @@ class ChoiceCalibration(Teleprompter):
 
     def get_params(self) -> dict[str, Any]:
         return {"config": self.config.model_dump()}
+
+
+def _unchanged(name: str, choices: list[str], calls: int, reason: str) -> PredictorCalibration:
+    """The report of a predictor left without an offset, and why."""
+    return PredictorCalibration(predictor=name, choices=choices, calls=calls, offset=0.0, raw_correct=0,
+                                calibrated_correct=0, majority_correct=0, second_share_raw=0.0,
+                                second_share_calibrated=0.0, skipped=reason)
 
 
 def _closed_form(question: str) -> bool:

@@ -31,16 +31,17 @@ class ChoicePredict(dspy.Predict):
         self.choice_bias: dict[str, float] = {}
 
     def forward(self, **kwargs: Any) -> dspy.Prediction:
-        config = dict(kwargs.pop("config", None) or {})
-        if self.choice_bias and CHOICE_BIAS not in config:
-            config[CHOICE_BIAS] = dict(self.choice_bias)
-        return super().forward(config=config, **kwargs)
+        return super().forward(config=self._with_bias(kwargs.pop("config", None)), **kwargs)
 
     async def aforward(self, **kwargs: Any) -> dspy.Prediction:
-        config = dict(kwargs.pop("config", None) or {})
+        return await super().aforward(config=self._with_bias(kwargs.pop("config", None)), **kwargs)
+
+    def _with_bias(self, config: dict[str, Any] | None) -> dict[str, Any]:
+        """The call's LM settings plus the offsets (a call's own ``choice_bias`` wins: calibration probes)."""
+        config = dict(config or {})
         if self.choice_bias and CHOICE_BIAS not in config:
             config[CHOICE_BIAS] = dict(self.choice_bias)
-        return await super().aforward(config=config, **kwargs)
+        return config
 
     def reset(self) -> None:
         super().reset()
