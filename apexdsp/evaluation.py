@@ -12,6 +12,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,33 @@ def evaluate_program(program: dspy.Module, questions: list[Question], *, threads
 def answer_em_metric(example: dspy.Example, prediction: Any, trace: Any = None) -> float:
     """DSPy-style metric: exact match of ``prediction.answer`` against the example's gold answers."""
     return exact_match(str(getattr(prediction, "answer", "") or ""), list(example.answers))
+
+
+def decomposition_summary(results: Sequence[QuestionResult], questions: Sequence[Question], retriever: Any, *,
+                          k: int = 5, max_steps: int = 4) -> dict[str, float]:
+    """Mean decomposition reward of the first plan each question's planner wrote, and of its components.
+
+    This is the reward the bootstrapping gates and the planner's GRPO stage use (same ``k`` and step limit
+    by default), read off an evaluation's saved trajectories, so an uncompiled and a compiled program are
+    compared on plan quality with no extra LM call: only the plans' sub-questions are searched again
+    (``executability``). Rows without a planner plan (retrieve-then-read programs) are left out; with none
+    at all the result is empty. ``decomposition_planned`` is how many rows were scored.
+    """
+    from apexdsp.rewards import decomposition_rewards
+
+    by_id = {question.id: question for question in questions}
+    rows = [r for r in results if r.plans and r.trajectory is not None and r.id in by_id]
+    if not rows:
+        return {}
+    rewards = decomposition_rewards([by_id[r.id] for r in rows],
+                                    [Trajectory.model_validate(r.trajectory) for r in rows],
+                                    retriever=retriever, k=k, max_steps=max_steps)
+    summary = {"decomposition": statistics.fmean(reward.value for reward in rewards),
+               "decomposition_planned": float(len(rows))}
+    for name in sorted({name for reward in rewards for name in reward.components}):
+        values = [reward.components[name] for reward in rewards if name in reward.components]
+        summary[f"decomposition_{name}"] = statistics.fmean(values)
+    return summary
 
 
 def aggregate(results: list[QuestionResult], seconds: float, retrieves: bool) -> EvalReport:

@@ -76,7 +76,7 @@ max_steps = {size.grpo_steps}
 beta = 0.0  # no KL term, so no reference-model pass: a third faster per step on CPU
 
 [evaluation]
-metrics = ["em", "f1", "hit", "recall"]
+metrics = ["em", "f1", "hit", "recall", "decomposition"]
 threads = 8
 """
 

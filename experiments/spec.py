@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from apexdsp.errors import ApexError
 from apexdsp.experiments.stages import STAGE_KINDS, stage_labels
 
-METRICS = ("em", "f1", "hit", "recall")
+METRICS = ("em", "f1", "hit", "recall")  # the default; "decomposition" scores the plans too
 
 
 class _Strict(BaseModel):
@@ -257,9 +257,14 @@ class OptimizerSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    """Which figures to report, and after which stages (default: the uncompiled program and every stage)."""
+    """Which figures to report, and after which stages (default: the uncompiled program and every stage).
 
-    metrics: list[Literal["em", "f1", "hit", "recall"]] = Field(default_factory=lambda: list(METRICS))
+    ``decomposition`` adds the mean decomposition reward of the planner's first plans (and its components)
+    for programs that plan; it searches the index once more per plan step, no LM call.
+    """
+
+    metrics: list[Literal["em", "f1", "hit", "recall", "decomposition"]] = Field(
+        default_factory=lambda: list(METRICS))
     after: list[str] | None = None
     threads: int = Field(8, ge=1)
 

@@ -309,6 +309,10 @@ class CompileStep(Step):
         return StepOutput(params=params, metrics={**stage_context.metrics, "compile_seconds": seconds},
                           artifacts=["program"], history=stage_context.history)
 
+    def chain(self) -> list[CompileStep]:
+        """This stage and the stages before it, first first."""
+        return (self.previous.chain() if self.previous else []) + [self]
+
 
 class EvaluateStep(Step):
     """Evaluate the program after a stage (or uncompiled) on the test questions."""
@@ -331,7 +335,7 @@ class EvaluateStep(Step):
         import contextlib
         import sys
 
-        from apexdsp.evaluation import evaluate_program
+        from apexdsp.evaluation import decomposition_summary, evaluate_program
         from apexdsp.programs.registry import RETRIEVAL_FREE
 
         spec = self.spec
@@ -347,7 +351,17 @@ class EvaluateStep(Step):
                   "dataset": dataset_name(spec.data.test),
                   "index": spec.index.kind if spec.index else "none", "program_options": spec.program.options}
         metrics = {k: v for k, v in report.summary().items() if isinstance(v, (int, float)) and v is not None}
+        if "decomposition" in spec.evaluation.metrics:
+            metrics.update(decomposition_summary(report.results, questions, context.retriever()))
+        if self.compiled is not None:  # what the evaluated program cost to compile, every stage up to it
+            metrics["compile_seconds"] = sum(compile_seconds(context, step) for step in self.compiled.chain())
         return StepOutput(params=params, metrics=metrics, artifacts=["report.json"])
+
+
+def compile_seconds(context: RunContext, step: CompileStep) -> float:
+    """The measured compile time of a finished compile step (from its cached result)."""
+    result = json.loads((context.step_dir(step) / RESULT_FILE).read_text())
+    return float(result["metrics"]["compile_seconds"])
 
 
 def dataset_name(source: QuestionSource) -> str:

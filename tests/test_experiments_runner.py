@@ -126,3 +126,29 @@ def test_computed_without_tracking_then_logged_later(tmp_path, data_dir):
     runs = evaluation_runs("offline")
     assert sorted(r.data.params["stage"] for r in runs) == ["labeled", "uncompiled"]
     assert all("em" in r.data.metrics for r in runs)
+
+
+def test_decomposition_and_compile_time_reach_the_evaluation_rows(tmp_path, data_dir):
+    """A planning program with the ``decomposition`` metric: each evaluation scores the plans it wrote, the
+    compiled one also says what its compile cost, and both reach MLflow and ``apexdsp compare``."""
+    from apexdsp.experiments.compare import comparison, find_runs
+
+    spec_path = write_tiny_experiment(tmp_path / "spec", data_dir, name="tiny-opera", experiment="tiny-plans")
+    text = spec_path.read_text().replace('name = "rag"', 'name = "opera"').replace(
+        "answer_tokens = 12", "answer_tokens = 12\nmax_steps = 2\nmax_rewrites = 0\nwrite_queries = false\nplan_tokens = 48")
+    spec_path.write_text(text.replace('metrics = ["em", "f1", "hit"]', 'metrics = ["em", "f1", "decomposition"]'))
+    cache = tmp_path / "cache"
+    summary = runner_for(spec_path, cache).run()
+    uncompiled, compiled_step, labeled = summary.steps
+    assert uncompiled.metrics["decomposition_planned"] == 2  # both questions planned, both plans scored
+    assert 0.0 <= uncompiled.metrics["decomposition"] <= 1.0
+    assert {"decomposition_format", "decomposition_executability"} <= set(uncompiled.metrics)
+    assert "compile_seconds" not in uncompiled.metrics  # nothing was compiled for it
+    assert labeled.metrics["compile_seconds"] == compiled_step.metrics["compile_seconds"] > 0
+
+    parent = mlflow.get_run(summary.parent_run_id)
+    assert parent.data.metrics["decomposition/uncompiled"] == uncompiled.metrics["decomposition"]
+    table = comparison(find_runs("tiny-plans", []), ["em", "decomposition", "compile_seconds"])
+    rows = {row["stage"]: row["metrics"] for row in table["runs"]}
+    assert rows["uncompiled"]["decomposition"] == uncompiled.metrics["decomposition"]
+    assert rows["labeled"]["compile_seconds"] == labeled.metrics["compile_seconds"]

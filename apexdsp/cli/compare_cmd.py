@@ -15,7 +15,8 @@ from rich.table import Table
 from apexdsp.errors import ApexError
 
 console = Console()
-METRICS = ("em", "f1", "hit", "recall", "lm_calls", "tokens", "seconds_per_question")
+METRICS = ("em", "f1", "hit", "recall", "decomposition", "plan_fallback_rate", "compile_seconds", "lm_calls", "tokens",
+           "seconds_per_question")
 
 
 def register(app: typer.Typer) -> None:

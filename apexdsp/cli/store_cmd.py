@@ -36,7 +36,7 @@ def quickstart(
     console.rule(f"quickstart: {spec}")
     run(spec=spec, track=True, log_only=False, check=False, cache_dir=None, as_json=False)
     console.rule("comparison")
-    compare(run_ids=None, experiment="quickstart", metric="em,f1,hit", plots=True, out=None, as_json=False)
+    compare(run_ids=None, experiment="quickstart", metric="em,f1,hit,decomposition", plots=True, out=None, as_json=False)
     console.print(f"\nRuns are in the MLflow store {default_tracking_uri()}.\nOpen the UI with: "
                   "[bold].venv/bin/apexdsp ui[/] (then http://127.0.0.1:5000, experiment 'quickstart')")
 
