@@ -99,3 +99,26 @@ def test_cli_reports_a_bad_spec_without_traceback(tmp_path, data_dir, capsys):
     assert main(["run", str(spec_path)]) == 2
     err = capsys.readouterr().err
     assert "program.name: unknown program 'nope'" in err and "Traceback" not in err
+
+
+def test_cli_checks_every_spec_before_running_the_first(tmp_path, data_dir, capsys):
+    from apexdsp.cli import main
+
+    good = write_tiny_experiment(tmp_path / "good", data_dir, name="good-rag")
+    bad = write_tiny_experiment(tmp_path / "bad", data_dir, name="bad-rag")
+    bad.write_text(bad.read_text().replace("threads = 4", "threads = 0"))
+    cache = tmp_path / "cache"
+    assert main(["run", str(good), str(bad), "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.threads" in err and "Traceback" not in err
+    assert not cache.exists() or not any(cache.glob("evaluate-*"))  # the good spec did not start
+
+
+def test_cli_check_lists_the_steps_of_each_spec(tmp_path, data_dir, capsys):
+    from apexdsp.cli import main
+
+    first = write_tiny_experiment(tmp_path / "one", data_dir, name="one-rag")
+    second = write_tiny_experiment(tmp_path / "two", data_dir, name="two-rag")
+    assert main(["run", str(first), str(second), "--check", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "one-rag" in out and "two-rag" in out and out.count("to do") == 6

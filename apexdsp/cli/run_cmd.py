@@ -1,4 +1,8 @@
-"""``apexdsp run SPEC.toml``: run an experiment spec (every step not done yet) and log it to MLflow."""
+"""``apexdsp run SPEC.toml [SPEC.toml ...]``: run experiment specs (every step not done yet), logged to MLflow.
+
+Several specs run one after the other, all checked first, so a typo in the last one is reported before
+hours of work on the first; steps they share (a data set's encoder and index) are computed once.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,14 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from apexdsp.experiments.runner import ExperimentRunner
 
 console = Console()
 
@@ -21,27 +28,39 @@ def register(app: typer.Typer) -> None:
 
 
 def run(
-    spec: Annotated[Path, typer.Argument(help="Experiment spec (TOML), e.g. experiments/specs/hotpotqa-apex.toml.")],
+    spec: Annotated[list[Path], typer.Argument(help="Experiment specs (TOML), e.g. experiments/specs/hotpotqa-*.toml.")],
     track: Annotated[bool, typer.Option(help="Log to MLflow (--no-track: compute only; log later with --log-only).")] = True,
     log_only: Annotated[bool, typer.Option("--log-only", help="Compute nothing; log the steps already computed.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Only check the spec and print the planned steps.")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Step cache (default .apexdsp/experiments).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Run an experiment: encoder, index, compile stages, evaluations; each cached by content hash."""
+    """Run experiments: encoder, index, compile stages, evaluations; each step cached by content hash."""
     from apexdsp.experiments.runner import ExperimentRunner
     from apexdsp.experiments.spec import load_spec
 
-    experiment = load_spec(spec)
-    runner = ExperimentRunner(experiment, spec, cache_root=cache_dir)
-    if check:
-        for step in runner.steps:
-            state = "done" if runner.is_done(step) else "to do"
-            console.print(f"{step.kind:9} {step.label:30} {step.key}  {state}")
-        return
+    paths = spec if isinstance(spec, list) else [spec]  # a single Path when called from Python (quickstart)
+    runners = [ExperimentRunner(load_spec(path), path, cache_root=cache_dir) for path in paths]  # all checked first
+    for runner in runners:
+        if check:
+            _print_plan(runner, header=len(runners) > 1)
+        else:
+            _run_one(runner, track=track, log_only=log_only, as_json=as_json)
+
+
+def _print_plan(runner: ExperimentRunner, header: bool) -> None:
+    if header:
+        console.print(f"[bold]{runner.spec.name}[/]")
+    for step in runner.steps:
+        state = "done" if runner.is_done(step) else "to do"
+        console.print(f"{step.kind:9} {step.label:30} {step.key}  {state}")
+
+
+def _run_one(runner: ExperimentRunner, *, track: bool, log_only: bool, as_json: bool) -> None:
+    experiment = runner.spec
     with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links; --json output stays one line
         summary = runner.run(track=track, log_only=log_only)
-    if as_json:
+    if as_json:  # one line per spec
         print(json.dumps({"spec": summary.spec, "parent_run_id": summary.parent_run_id,
                           "steps": [vars(step) for step in summary.steps]}, default=str))
         return
