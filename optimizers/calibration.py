@@ -3,6 +3,7 @@
     trainset (closed-form questions) --run the program, traced--> the calls of each two-choice predictor
     calls with a gold choice --bisection on a logit offset--> the offset at which each call flips
     flip points, gold choices --fit--> the offset that answers the most training calls right
+    the same fit, k-fold --> kept only if offsets fitted without a call beat no offset on it
 
 A 135M model asked "A or B?" answers "A" whatever the passages say (41 of 42 HotpotQA dev questions), and
 yes/no by a constant. The raw argmax mixes what the model read with a bias of the prompt form. Contextual
@@ -10,7 +11,9 @@ calibration (Zhao et al., 2021) removes that bias with an offset estimated from 
 fitted on the training questions whose gold answer is one of the choices, as a compile step, and saved
 with the program (:class:`apexdsp.programs.choice.ChoicePredict`). The offset is the only parameter; the
 report says how many training calls it turns right and how that compares with always answering the
-majority choice, which is what an offset learns when the model's preference carries no signal.
+majority choice, which is what an offset learns when the model's preference carries no signal. An
+in-sample fit always looks at least as good as no offset, so the offset is kept only when it also helps
+calls it was not fitted on (k-fold: each call scored by the offset fitted on the other folds).
 
 The flip point of a call is found with the backend's own knob (a logit bias on the choice token), by
 bisection, so no log-probability API is needed: a call answers the second choice exactly when the offset
@@ -26,7 +29,7 @@ from typing import Any
 
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from apexdsp.lm.adapter import CHOICE_BIAS, prefills
 from apexdsp.metrics.answer import normalize_answer
@@ -44,10 +47,20 @@ class CalibrationConfig(BaseModel):
     bias_range: float = Field(10.0, gt=0, description="flip points are searched in [-range, range] (logits)")
     bisection_steps: int = Field(6, ge=1, description="halvings after the probe at 0 (resolution range / 2**steps)")
     min_calls: int = Field(8, ge=1, description="fewer labeled calls: the predictor is left as it is")
+    heldout_folds: int = Field(5, ge=0, description=(
+        "k >= 2: keep the offset only if offsets fitted on k-1 folds of the calls answer the calls left out "
+        "better than no offset; 0 trusts the in-sample fit"))
     closed_form_only: bool = Field(True, description=(
         "run the program only on yes/no and 'X or Y' questions (the only ones that reach the choice steps)"))
     threads: int = Field(8, ge=1, description="concurrent calls (the LM batches them)")
     progress: bool = Field(True, description="show progress bars")
+
+    @field_validator("heldout_folds")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("heldout_folds must be 0 (no held-out check) or at least 2")
+        return value
 
 
 class PredictorCalibration(BaseModel):
@@ -62,6 +75,8 @@ class PredictorCalibration(BaseModel):
     majority_correct: int  # right by always answering the more frequent gold choice
     second_share_raw: float  # share of calls answered with the second choice, before and after
     second_share_calibrated: float
+    heldout_raw_correct: int | None = None  # k-fold: right with no offset ...
+    heldout_calibrated_correct: int | None = None  # ... and with the offset fitted on the other folds
     skipped: str | None = None  # why no offset was set
 
 
@@ -127,6 +142,21 @@ def fit_offset(flips: Sequence[float], second_is_gold: Sequence[bool]) -> tuple[
 
     best = max(candidates, key=lambda offset: (correct(offset), -abs(offset)))
     return best, correct(best)
+
+
+def heldout_correct(flips: Sequence[float], second_is_gold: Sequence[bool], folds: int) -> tuple[int, int]:
+    """(right with no offset, right with the offset fitted on the other folds), summed over ``folds``
+    interleaved folds: every call is scored once, by an offset fitted without it."""
+    if folds < 2:
+        raise ValueError(f"need at least 2 folds, got {folds}")
+    raw = fitted = 0
+    for fold in range(folds):
+        train = [(f, s) for i, (f, s) in enumerate(zip(flips, second_is_gold, strict=True)) if i % folds != fold]
+        test = [(f, s) for i, (f, s) in enumerate(zip(flips, second_is_gold, strict=True)) if i % folds == fold]
+        offset = fit_offset([f for f, _ in train], [s for _, s in train])[0] if train else 0.0
+        raw += sum((0.0 > f) == s for f, s in test)
+        fitted += sum((offset > f) == s for f, s in test)
+    return raw, fitted
 
 
 class ChoiceCalibration(Teleprompter):
@@ -196,15 +226,27 @@ class ChoiceCalibration(Teleprompter):
             return _unchanged(name, choices, 0, "every probe call raised")
         offset, correct = fit_offset(flips, labels)
         offset = round(offset, 3)
+        raw_correct = sum((0.0 > f) == s for f, s in zip(flips, labels))
+        heldout, skipped = (None, None), None
+        if offset and self.config.heldout_folds and len(flips) >= self.config.heldout_folds:
+            heldout = heldout_correct(flips, labels, self.config.heldout_folds)
+            if heldout[1] <= heldout[0]:
+                skipped = (f"the offset did not help held-out calls ({heldout[1]} vs {heldout[0]} of {len(flips)} "
+                           f"right, {self.config.heldout_folds}-fold); in-sample it would have set {offset:+.2f}")
+                offset, correct = 0.0, raw_correct
         if offset:
             predictor.choice_bias = {choices[1]: offset}
         seconds = sum(labels)
         fit = PredictorCalibration(
             predictor=name, choices=choices, calls=len(labels), offset=offset,
-            raw_correct=sum((0.0 > f) == s for f, s in zip(flips, labels)), calibrated_correct=correct,
+            raw_correct=raw_correct, calibrated_correct=correct,
             majority_correct=max(seconds, len(labels) - seconds),
             second_share_raw=sum(0.0 > f for f in flips) / len(flips),
-            second_share_calibrated=sum(offset > f for f in flips) / len(flips))
+            second_share_calibrated=sum(offset > f for f in flips) / len(flips),
+            heldout_raw_correct=heldout[0], heldout_calibrated_correct=heldout[1], skipped=skipped)
+        if skipped:
+            self._say(f"choice calibration: {name}: unchanged: {skipped}")
+            return fit
         self._say(f"choice calibration: {name}: offset {offset:+.2f} on {choices[1]!r}; right on {fit.raw_correct} -> "
                   f"{correct} of {len(labels)} training calls (majority choice: {fit.majority_correct})")
         return fit

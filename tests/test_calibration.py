@@ -9,7 +9,8 @@ import pytest
 
 from apexdsp.lm.adapter import CHOICE_BIAS, TolerantChatAdapter
 from apexdsp.lm.registry import get_lm
-from apexdsp.optimizers.calibration import CalibrationConfig, ChoiceCalibration, fit_offset, flip_point, gold_choice
+from apexdsp.optimizers.calibration import (CalibrationConfig, ChoiceCalibration, fit_offset, flip_point, gold_choice,
+                                            heldout_correct)
 from apexdsp.programs.choice import ChoicePredict
 from tests.test_grpo import tiny_model_dir  # noqa: F401 - the fixture
 
@@ -61,6 +62,24 @@ def test_the_offset_answers_the_most_calls_right_and_stays_at_zero_without_evide
         fit_offset([0.0, 1.0], [True])
 
 
+def test_the_held_out_check_keeps_an_offset_that_generalises_and_refuses_one_that_only_fits():
+    # Signal: the model leans to the first choice everywhere, less where the second is right.
+    flips = [3.0, 1.0, 3.2, 1.2, 2.9, 0.9, 3.1, 1.1, 3.3, 1.3]
+    labels = [False, True] * 5
+    raw, fitted = heldout_correct(flips, labels, folds=5)
+    assert (raw, fitted) == (5, 10)  # no offset: the first choice always; fitted on 4 folds: every call right
+    # No signal: the same flip point whatever the gold choice. In-sample an offset still "helps" (it learns
+    # the majority, 4 -> 6 of 10), but fitted without a call it never beats no offset on that call.
+    noise = [2.0] * 10
+    coin = [True, False, True, True, False, True, False, True, False, True]
+    assert fit_offset(noise, coin)[1] == 6 > sum(not label for label in coin)
+    assert heldout_correct(noise, coin, folds=5) == (4, 2)  # held out it loses: the offset is refused
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        heldout_correct(flips, labels, folds=1)
+    with pytest.raises(ValueError, match="heldout_folds must be 0"):
+        CalibrationConfig(heldout_folds=1)
+
+
 def test_offsets_are_part_of_the_saved_state_and_old_states_load_without_them():
     predictor = ChoicePredict(YesNo)
     predictor.choice_bias = {"no": 1.25}
@@ -94,7 +113,8 @@ def test_calibration_fits_an_offset_at_least_as_good_as_raw_and_majority(tiny_mo
                 .with_inputs("question") for n in range(12)]
     trainset.append(dspy.Example(question="Who wrote Hamlet?", answer="Shakespeare").with_inputs("question"))
     with dspy.context(lm=lm, adapter=TolerantChatAdapter()):
-        calibration = ChoiceCalibration(CalibrationConfig(min_calls=4, threads=1, progress=False))
+        calibration = ChoiceCalibration(CalibrationConfig(min_calls=4, threads=1, progress=False,
+                                                            heldout_folds=0))  # the in-sample fit
         compiled = calibration.compile(Decider(), trainset=trainset)
     report = calibration.report
     assert report.train_questions == 12  # the open question never reaches a choice step
@@ -105,6 +125,25 @@ def test_calibration_fits_an_offset_at_least_as_good_as_raw_and_majority(tiny_mo
     save_compiled(compiled, tmp_path / "compiled", lm=str(tiny_model_dir))
     loaded = load_compiled(tmp_path / "compiled", program=Decider())
     assert loaded.program.decide.choice_bias == compiled.decide.choice_bias
+
+
+def test_by_default_an_offset_is_kept_only_if_it_helps_held_out_calls(tiny_model_dir):  # noqa: F811
+    lm = get_lm(str(tiny_model_dir), max_tokens=16)
+    trainset = [dspy.Example(question=f"Is {n} larger than {n % 3}?", answer="yes" if n % 3 else "no")
+                .with_inputs("question") for n in range(12)]
+    with dspy.context(lm=lm, adapter=TolerantChatAdapter()):
+        calibration = ChoiceCalibration(CalibrationConfig(min_calls=4, threads=1, progress=False))
+        compiled = calibration.compile(Decider(), trainset=trainset)
+    (fit,) = calibration.report.predictors
+    if fit.heldout_raw_correct is None:  # the in-sample fit already chose no offset: nothing to check
+        assert fit.offset == 0 and compiled.decide.choice_bias == {}
+    elif fit.skipped:
+        assert "held-out" in fit.skipped and fit.offset == 0 and compiled.decide.choice_bias == {}
+        assert fit.heldout_calibrated_correct <= fit.heldout_raw_correct
+        assert fit.calibrated_correct == fit.raw_correct
+    else:
+        assert fit.heldout_calibrated_correct > fit.heldout_raw_correct
+        assert compiled.decide.choice_bias == {"no": fit.offset}
 
 
 def test_calibration_leaves_a_program_without_choice_steps_alone():
