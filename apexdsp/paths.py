@@ -24,6 +24,17 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def runs_dir() -> Path:
+    """Where ``apexdsp evaluate`` writes its reports: ``APEXDSP_RUNS`` if set (the tests point it at a
+    temporary folder, so they never mix their runs with a user's), else ``.apexdsp/runs``."""
+    override = os.environ.get("APEXDSP_RUNS")
+    if not override:
+        return cache_dir("runs")
+    path = Path(override).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def configure_environment() -> None:
     """Environment defaults that must be set before torch, transformers, litellm or colbert import.
 

@@ -22,6 +22,14 @@ def isolated_mlflow(tmp_path, monkeypatch):
         mlflow.end_run()
 
 
+@pytest.fixture(autouse=True)
+def isolated_runs(tmp_path, monkeypatch):
+    """``apexdsp evaluate`` reports go to the test's folder, never to the project's ``.apexdsp/runs``."""
+    folder = tmp_path / "runs"
+    monkeypatch.setenv("APEXDSP_RUNS", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     """The offline benchmark copy (``../shared/data``)."""

@@ -12,7 +12,7 @@ import mlflow
 APEXDSP = str(Path(sys.executable).parent / "apexdsp")
 
 
-def test_vanilla_evaluate_prints_figures_and_logs_the_run(data_dir, isolated_mlflow, tmp_path):
+def test_vanilla_evaluate_prints_figures_and_logs_the_run(data_dir, isolated_mlflow, isolated_runs, tmp_path):
     result = subprocess.run(
         [APEXDSP, "evaluate", "--program", "vanilla", "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"),
          "--limit", "4", "--threads", "4", "--json"],
@@ -32,6 +32,7 @@ def test_vanilla_evaluate_prints_figures_and_logs_the_run(data_dir, isolated_mlf
     assert run.data.metrics["n"] == 4
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"predictions.json", "trajectories.jsonl"} <= artifacts
+    assert Path(summary["results_file"]).parent == isolated_runs  # the test's folder, not the project's
     rows = json.loads(Path(summary["results_file"]).read_text())["results"]
     assert len(rows) == 4 and all(isinstance(r["prediction"], str) for r in rows)
     assert any(r["prediction"] for r in rows), "the model answered nothing at all"

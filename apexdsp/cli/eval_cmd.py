@@ -46,7 +46,7 @@ def evaluate(
     """Evaluate a program on a question file."""
     from apexdsp.cli.inputs import optional_retriever, program_options, require_questions
     from apexdsp.evaluation import evaluate_program
-    from apexdsp.paths import cache_dir
+    from apexdsp.paths import runs_dir
     from apexdsp.programs.registry import RETRIEVAL_FREE, build_program
     from apexdsp.runtime import configure_dspy
     from apexdsp.tracking import write_json_atomic
@@ -80,7 +80,7 @@ def evaluate(
                                   progress=True, checkpoint=resume)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    local = write_json_atomic(report.model_dump(), cache_dir("runs") / f"evaluate-{program}-{stamp}.json")
+    local = write_json_atomic(report.model_dump(), runs_dir() / f"evaluate-{program}-{stamp}.json")
     summary = {"program": program, "lm": lm, **report.summary(), "results_file": str(local)}
     if track:
         from apexdsp.tracking.evaluation_log import log_evaluation
