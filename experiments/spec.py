@@ -285,6 +285,7 @@ class ExperimentSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
+        from apexdsp.optimizers.module_prompts import resolve_module
         from apexdsp.programs.registry import RETRIEVAL_FREE
 
         if self.index is None and self.program.name not in RETRIEVAL_FREE:
@@ -296,6 +297,13 @@ class ExperimentSpec(_Strict):
             if not any(name == key or name.startswith(key + ".") for name in modules):
                 raise ValueError(f"lm.modules.{key}: program {self.program.name!r} has no module {key!r}; "
                                  f"its modules: {', '.join(modules)}")
+        for position, stage in enumerate(self.optimizer.stages):
+            module = stage.settings.get("module")
+            if isinstance(module, str):  # a weight-level stage trains one predictor: it must name exactly one
+                try:
+                    resolve_module(modules, module)
+                except ApexError as error:
+                    raise ValueError(f"optimizer.stages[{position}]: settings.module: {error}") from None
         labels = stage_labels([stage.label for stage in self.optimizer.stages])
         if len(set(labels)) != len(labels):
             raise ValueError("optimizer.stages: two stages share a name; give them distinct 'name's")

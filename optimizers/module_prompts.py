@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,15 +55,21 @@ def find_predictor(program: dspy.Module, module: str) -> tuple[str, dspy.Predict
     """The predictor called ``module`` (``planner.write_plan``), or the only predictor of sub-module
     ``module`` (``planner``). An unknown name lists the program's predictors."""
     predictors = dict(program.named_predictors())
-    if module in predictors:
-        return module, predictors[module]
-    inside = {name: p for name, p in predictors.items() if name.startswith(f"{module}.")}
+    name = resolve_module(list(predictors), module)
+    return name, predictors[name]
+
+
+def resolve_module(predictor_names: Sequence[str], module: str) -> str:
+    """The predictor name ``module`` stands for among ``predictor_names``: itself, or the only one inside
+    it. Experiment specs check their stages with this before any work is done."""
+    if module in predictor_names:
+        return module
+    inside = [name for name in predictor_names if name.startswith(f"{module}.")]
     if len(inside) == 1:
-        return next(iter(inside.items()))
-    known = ", ".join(predictors)
+        return inside[0]
     if inside:
         raise ApexError(f"module {module!r} has {len(inside)} predictors ({', '.join(inside)}); name one of them")
-    raise ApexError(f"program has no module {module!r}; its predictors are: {known}")
+    raise ApexError(f"program has no module {module!r}; its predictors are: {', '.join(predictor_names)}")
 
 
 def current_adapter() -> Any:

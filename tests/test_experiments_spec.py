@@ -81,9 +81,23 @@ def test_bad_spec_is_one_line_naming_file_and_key(tmp_path, data_dir, case, edit
 
 def test_grpo_settings_are_checked_against_the_optimizer(tmp_path, data_dir):
     spec_path = write_tiny_experiment(tmp_path, data_dir, extra=(
-        '\n[[optimizer.stages]]\nkind = "grpo"\nsettings = { module = "reader", reward = "nope" }\n'))
+        '\n[[optimizer.stages]]\nkind = "grpo"\nsettings = { module = "reader.generate", reward = "nope" }\n'))
     with pytest.raises(ApexError, match=r"optimizer.stages\[1\]: settings.reward: unknown reward 'nope'"):
         load_spec(spec_path)
+
+
+def test_a_trained_module_must_name_one_predictor_before_any_work(tmp_path, data_dir):
+    # rag's reader has three predictors (open, yes/no, A/B): GRPO on "reader" is ambiguous, found at load time
+    spec_path = write_tiny_experiment(tmp_path, data_dir, extra=(
+        '\n[[optimizer.stages]]\nkind = "grpo"\nsettings = { module = "reader", reward = "answer_f1" }\n'))
+    with pytest.raises(ApexError, match=r"optimizer.stages\[1\]: settings.module: module 'reader' has 3 predictors "
+                                        r"\(reader.generate, reader.decide, reader.choose\); name one of them"):
+        load_spec(spec_path)
+    spec_path.write_text(spec_path.read_text().replace('module = "reader"', 'module = "planner"'))
+    with pytest.raises(ApexError, match=r"settings.module: program has no module 'planner'"):
+        load_spec(spec_path)
+    spec_path.write_text(spec_path.read_text().replace('module = "planner"', 'module = "reader.generate"'))
+    assert load_spec(spec_path).optimizer.stages[1].settings["module"] == "reader.generate"
 
 
 def test_missing_spec_file(tmp_path):
