@@ -12,7 +12,7 @@ calls, useful as a cheap real baseline stage.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,11 +174,9 @@ def _check_trainer(kind: str, settings: dict[str, Any], call_keys: tuple[str, ..
         raise ValueError("modules: a list of module names, e.g. [\"executor\"]")
     reward = settings.get("reward")
     if isinstance(reward, str):
-        import apexdsp.rewards  # noqa: F401 - registers the built-in rewards
-        from apexdsp.rewards.base import REWARDS
-
-        if reward not in REWARDS:
-            raise ValueError(f"reward: unknown reward {reward!r}; known: {', '.join(sorted(REWARDS))}")
+        known = _known_rewards(kind)
+        if reward not in known:
+            raise ValueError(f"reward: unknown reward {reward!r}; known: {', '.join(sorted(known))}")
     try:
         config_class = import_optimizer(STAGE_KINDS[kind].config, kind)
     except StageUnavailable:
@@ -187,6 +185,19 @@ def _check_trainer(kind: str, settings: dict[str, Any], call_keys: tuple[str, ..
         config_class(**{k: v for k, v in settings.items() if k not in call_keys})
     except (TypeError, ApexError) as error:
         raise ValueError(str(error)) from None
+
+
+def _known_rewards(kind: str) -> Iterable[str]:
+    """GRPO scores one module's completions (the module rewards of ``optimizers.module_rewards``); SFT
+    filters whole trajectories (the rewards of ``apexdsp.rewards``)."""
+    if kind == "grpo":
+        from apexdsp.optimizers.module_rewards import MODULE_REWARDS
+
+        return MODULE_REWARDS
+    import apexdsp.rewards  # noqa: F401 - registers the built-in rewards
+    from apexdsp.rewards.base import REWARDS
+
+    return REWARDS
 
 
 def _trainer_history(work_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -210,7 +221,12 @@ def _trainer_stage(kind: str, program: Any, settings: dict[str, Any], context: S
     call = {k: v for k, v in settings.items() if k in _GRPO_CALL}
     config = config_class(**{"seed": context.seed, **{k: v for k, v in settings.items() if k not in _GRPO_CALL}})
     optimizer = optimizer_class(context.work_dir, config, retriever=context.retriever)
-    call.setdefault("reward", "answer_f1")
+    if kind == "grpo":  # no reward named: the module's default (decomposition for a planner, ...)
+        from apexdsp.optimizers.schedule import Stage
+
+        call["reward"] = Stage("grpo", call["module"], call.get("reward")).resolved_reward()
+    else:
+        call.setdefault("reward", "answer_f1")
     compiled = optimizer.compile(program, trainset=context.trainset, valset=context.valset or None, **call)
     result = getattr(optimizer, "result", None)
     if result is not None:

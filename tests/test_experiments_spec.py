@@ -86,10 +86,24 @@ def test_grpo_settings_are_checked_against_the_optimizer(tmp_path, data_dir):
         load_spec(spec_path)
 
 
+def test_a_grpo_stage_takes_a_module_reward_and_an_sft_stage_a_trajectory_reward(tmp_path, data_dir):
+    # GRPO scores one module's completions, SFT filters whole runs: "answer_f1" is a run reward only
+    grpo = write_tiny_experiment(tmp_path / "grpo", data_dir, extra=(
+        '\n[[optimizer.stages]]\nkind = "grpo"\nsettings = { module = "reader.generate", reward = "answer_f1" }\n'))
+    with pytest.raises(ApexError, match=r"settings.reward: unknown reward 'answer_f1'; known: answer, decomposition"):
+        load_spec(grpo)
+    grpo.write_text(grpo.read_text().replace('reward = "answer_f1"', 'reward = "answer"'))
+    assert load_spec(grpo).optimizer.stages[1].settings["reward"] == "answer"
+    sft = write_tiny_experiment(tmp_path / "sft", data_dir, extra=(
+        '\n[[optimizer.stages]]\nkind = "sft"\nsettings = { modules = ["reader"], reward = "answer" }\n'))
+    with pytest.raises(ApexError, match=r"settings.reward: unknown reward 'answer'; known: answer_em, answer_f1"):
+        load_spec(sft)
+
+
 def test_a_trained_module_must_name_one_predictor_before_any_work(tmp_path, data_dir):
     # rag's reader has three predictors (open, yes/no, A/B): GRPO on "reader" is ambiguous, found at load time
     spec_path = write_tiny_experiment(tmp_path, data_dir, extra=(
-        '\n[[optimizer.stages]]\nkind = "grpo"\nsettings = { module = "reader", reward = "answer_f1" }\n'))
+        '\n[[optimizer.stages]]\nkind = "grpo"\nsettings = { module = "reader", reward = "answer" }\n'))
     with pytest.raises(ApexError, match=r"optimizer.stages\[1\]: settings.module: module 'reader' has 3 predictors "
                                         r"\(reader.generate, reader.decide, reader.choose\); name one of them"):
         load_spec(spec_path)
