@@ -39,8 +39,7 @@ def run(
     from apexdsp.experiments.runner import ExperimentRunner
     from apexdsp.experiments.spec import load_spec
 
-    paths = spec if isinstance(spec, list) else [spec]  # a single Path when called from Python (quickstart)
-    runners = [ExperimentRunner(load_spec(path), path, cache_root=cache_dir) for path in paths]  # all checked first
+    runners = [ExperimentRunner(load_spec(path), path, cache_root=cache_dir) for path in spec]  # all checked first
     for runner in runners:
         if check:
             _print_plan(runner, header=len(runners) > 1)

@@ -34,7 +34,7 @@ def quickstart(
     spec = write_quickstart(folder or cache_dir("quickstart"), shared_data_dir(),
                             QuickstartSize(test=test, grpo_steps=grpo_steps))
     console.rule(f"quickstart: {spec}")
-    run(spec=spec, track=True, log_only=False, check=False, cache_dir=None, as_json=False)
+    run(spec=[spec], track=True, log_only=False, check=False, cache_dir=None, as_json=False)
     console.rule("comparison")
     compare(run_ids=None, experiment="quickstart", metric="em,f1,hit,decomposition", plots=True, out=None, as_json=False)
     console.print(f"\nRuns are in the MLflow store {default_tracking_uri()}.\nOpen the UI with: "
