@@ -1,4 +1,5 @@
-"""Shared fixtures: a private MLflow store per test, the shared data folder, the environment defaults."""
+"""Shared fixtures: a private MLflow store per test, the shared data folder, the environment defaults, and a
+tiny random-init Llama for the tests that train or decode with a local model."""
 
 from __future__ import annotations
 
@@ -37,3 +38,22 @@ def data_dir():
     if not (path / "hotpotqa" / "dev.jsonl").exists():
         pytest.fail(f"shared data not found at {path}: CI expects ../shared beside the checkout")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init 2-layer Llama with SmolLM2-135M's tokenizer and chat template (seconds to train)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from apexdsp.lm.gguf_models import ensure_converted
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(ensure_converted("smollm2-135m"))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

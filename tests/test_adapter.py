@@ -8,7 +8,6 @@ import dspy
 
 from apexdsp.lm.adapter import TolerantChatAdapter, record_parse_failures
 from apexdsp.lm.registry import get_lm
-from tests.test_grpo import tiny_model_dir  # noqa: F401 - the fixture
 
 
 class OneField(dspy.Signature):
@@ -70,7 +69,7 @@ def test_remote_lms_and_prefill_off_get_dspy_messages_unchanged():
     assert adapter.reply_prefix(TwoFields, remote) == ""
 
 
-def test_local_lm_continues_the_first_output_header(tiny_model_dir):  # noqa: F811
+def test_local_lm_continues_the_first_output_header(tiny_model_dir):
     """With a real (tiny) local engine the reply is prefilled with the first output header, the model's
     continuation is parsed with that header put back, and prefill=False sends DSPy's messages."""
     lm = get_lm(str(tiny_model_dir), max_tokens=6)
@@ -103,7 +102,7 @@ def test_a_literal_field_takes_the_choice_its_text_opens_with():
     assert len(log.failures) == 3  # each was a repair
 
 
-def test_a_local_model_picks_one_of_a_literal_fields_choices(tiny_model_dir):  # noqa: F811
+def test_a_local_model_picks_one_of_a_literal_fields_choices(tiny_model_dir):
     """Even a random-weight model answers a yes/no signature with yes or no: one biased token."""
     lm = get_lm(str(tiny_model_dir), max_tokens=16)
     with dspy.context(lm=lm, adapter=TolerantChatAdapter()):

@@ -12,7 +12,6 @@ from apexdsp.lm.registry import get_lm
 from apexdsp.optimizers.calibration import (CalibrationConfig, ChoiceCalibration, fit_offset, flip_point, gold_choice,
                                             heldout_correct)
 from apexdsp.programs.choice import ChoicePredict
-from tests.test_grpo import tiny_model_dir  # noqa: F401 - the fixture
 
 
 class YesNo(dspy.Signature):
@@ -92,7 +91,7 @@ def test_offsets_are_part_of_the_saved_state_and_old_states_load_without_them():
     assert predictor.choice_bias == {}
 
 
-def test_an_offset_moves_a_local_models_constrained_choice(tiny_model_dir):  # noqa: F811
+def test_an_offset_moves_a_local_models_constrained_choice(tiny_model_dir):
     lm = get_lm(str(tiny_model_dir), max_tokens=16)
     predictor = ChoicePredict(YesNo)
     questions = [f"Is {n} a prime number?" for n in range(6)]
@@ -105,7 +104,7 @@ def test_an_offset_moves_a_local_models_constrained_choice(tiny_model_dir):  # n
         assert all(CHOICE_BIAS not in (entry.get("kwargs") or {}) for entry in lm.history)
 
 
-def test_calibration_fits_an_offset_at_least_as_good_as_raw_and_majority(tiny_model_dir, tmp_path):  # noqa: F811
+def test_calibration_fits_an_offset_at_least_as_good_as_raw_and_majority(tiny_model_dir, tmp_path):
     from apexdsp.optimizers.compiled import load_compiled, save_compiled
 
     lm = get_lm(str(tiny_model_dir), max_tokens=16)
@@ -127,7 +126,7 @@ def test_calibration_fits_an_offset_at_least_as_good_as_raw_and_majority(tiny_mo
     assert loaded.program.decide.choice_bias == compiled.decide.choice_bias
 
 
-def test_by_default_an_offset_is_kept_only_if_it_helps_held_out_calls(tiny_model_dir):  # noqa: F811
+def test_by_default_an_offset_is_kept_only_if_it_helps_held_out_calls(tiny_model_dir):
     lm = get_lm(str(tiny_model_dir), max_tokens=16)
     trainset = [dspy.Example(question=f"Is {n} larger than {n % 3}?", answer="yes" if n % 3 else "no")
                 .with_inputs("question") for n in range(12)]

@@ -9,10 +9,9 @@ from apexdsp.evaluation import evaluate_program
 from apexdsp.lm.adapter import TolerantChatAdapter
 from apexdsp.lm.registry import get_lm
 from apexdsp.programs.registry import build_program
-from tests.test_grpo import tiny_model_dir  # noqa: F401 - the fixture
 
 
-def test_a_resumed_evaluation_runs_only_the_questions_it_had_not_finished(tiny_model_dir, data_dir, tmp_path):  # noqa: F811
+def test_a_resumed_evaluation_runs_only_the_questions_it_had_not_finished(tiny_model_dir, data_dir, tmp_path):
     questions = read_questions(data_dir / "hotpotqa" / "dev.jsonl", limit=4)
     checkpoint = tmp_path / "progress.jsonl"
     lm = get_lm(str(tiny_model_dir), max_tokens=8)

@@ -152,3 +152,63 @@ def test_decomposition_and_compile_time_reach_the_evaluation_rows(tmp_path, data
     rows = {row["stage"]: row["metrics"] for row in table["runs"]}
     assert rows["uncompiled"]["decomposition"] == uncompiled.metrics["decomposition"]
     assert rows["labeled"]["compile_seconds"] == labeled.metrics["compile_seconds"]
+
+
+GRPO_STAGE = """after = ["labeled+grpo"]
+
+[lm]
+default = "{model}"
+
+[[optimizer.stages]]
+kind = "grpo"
+[optimizer.stages.settings]
+module = "reader.generate"
+reward = "answer"
+max_steps = 2
+prompts_per_step = 2
+num_generations = 2
+max_completion_length = 12
+save_steps = 1
+beta = 0.0
+learning_rate = 1e-3
+"""
+
+
+def test_a_grpo_stage_trains_its_module_and_the_next_evaluation_runs_the_trained_weights(tmp_path, data_dir,
+                                                                                          tiny_model_dir):
+    """The weight-level stage through ``apexdsp run``: TRL trains ``reader.generate`` of a tiny random Llama,
+    the step keeps the weights and the reward curve, and the evaluation after it decodes with them."""
+    from safetensors.torch import load_file
+
+    from apexdsp.experiments.compare import find_runs, reward_histories
+    from apexdsp.lm.registry import local_engine
+
+    spec_path = write_tiny_experiment(tmp_path / "spec", data_dir, name="tiny-grpo", experiment="tiny-grpo",
+                                      extra=GRPO_STAGE.format(model=tiny_model_dir))
+    cache = tmp_path / "cache"
+    summary = runner_for(spec_path, cache).run()
+    assert [(s.kind, s.label) for s in summary.steps] == [
+        ("compile", "labeled"), ("compile", "labeled+grpo"), ("evaluate", "labeled+grpo")]
+    trained = summary.steps[1]
+    assert trained.metrics["steps"] == 2 and trained.metrics["prompts"] == 2
+    assert trained.metrics["compile_seconds"] >= trained.metrics["seconds"] > 0
+
+    # The compiled program binds reader.generate (and only it) to the weights the stage trained.
+    program = cache / trained.key / "program"
+    manifest = json.loads((program / "apexdsp-compiled.json").read_text())
+    assert {name: b["weights"] for name, b in manifest["modules"].items() if b.get("weights")} == {
+        "reader.generate": "weights/reader.generate"}
+    weights = program / "weights" / "reader.generate"
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert load_file(weights / "model.safetensors").keys() == base.keys()
+
+    # The evaluation after the stage decoded with those weights, once per question.
+    engine = local_engine(str(weights.resolve()))
+    assert sum(engine.stats().step_sizes.values()) > 0
+    report = json.loads((cache / summary.steps[2].key / "report.json").read_text())
+    assert report["n"] == 2
+
+    # The stage's reward curve reached its MLflow run, where ``apexdsp compare`` finds it for the plot.
+    curves = reward_histories(find_runs("tiny-grpo", []))
+    mean_reward = [points for name, points in curves.items() if name.endswith(": reward")]
+    assert len(mean_reward) == 1 and [step for step, _ in mean_reward[0]] == [1, 2]

@@ -32,24 +32,6 @@ from apexdsp.programs.planner import Planner
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random-init 2-layer Llama with SmolLM2-135M's tokenizer and chat template (seconds to train)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from apexdsp.lm.gguf_models import ensure_converted
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(ensure_converted("smollm2-135m"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def questions(data_dir):
     return read_questions(data_dir / "hotpotqa" / "train.jsonl")[:4]
 
