@@ -46,6 +46,24 @@ def test_keys_change_with_the_data_and_only_downstream(tmp_path, data_dir):
     assert before["labeledevaluate"] != after["labeledevaluate"]
 
 
+
+def test_how_a_trainer_stage_runs_is_not_part_of_its_key(tmp_path, data_dir):
+    """Checkpointing, threads and micro-batches do not change what a GRPO stage computes: changing them keeps
+    the stage's key (a long stage can be re-run with less memory and resume), its reward or rate does not."""
+    grpo = '\n[[optimizer.stages]]\nkind = "grpo"\n[optimizer.stages.settings]\nmodule = "reader.generate"\n{}\n'
+
+    def keys(settings: str) -> dict[str, str]:
+        spec_path = write_tiny_experiment(tmp_path / settings.replace(" ", "").replace("\n", "_"), data_dir,
+                                          extra=grpo.format(settings))
+        return {s.label + s.kind: s.key for s in plan_steps(load_spec(spec_path))}
+
+    base = keys("max_steps = 4")
+    same = keys("max_steps = 4\nsave_steps = 1\nmicro_batch_size = 2\nnum_threads = 1\nlogging_steps = 2")
+    changed = keys("max_steps = 4\nlearning_rate = 1e-4")
+    assert same == base
+    assert changed["labeled+grpocompile"] != base["labeled+grpocompile"]
+    assert changed["labeledcompile"] == base["labeledcompile"]
+
 BAD = [
     ("unknown top-level key", ("[program]", "colour = 'red'\n[program]"), "colour: unknown key"),
     ("unknown nested key", ('kind = "bm25"', 'kind = "bm25"\ncorpora = "x"'), "index.corpora: unknown key"),
