@@ -169,6 +169,7 @@ prompts_per_step = 2
 num_generations = 2
 max_completion_length = 12
 save_steps = 1
+micro_batch_size = 1  # each step as four passes of one sequence, accumulated
 beta = 0.0
 learning_rate = 1e-3
 """
