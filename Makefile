@@ -15,8 +15,12 @@ setup:
 quickstart: setup
 	$(VENV)/bin/apexdsp quickstart
 
+# Two workers, one test file each at a time (module fixtures built once): on a 2-core machine the suite's
+# subprocess starts, model loads and servers overlap instead of queueing.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/lm_throughput.py

@@ -3,11 +3,28 @@ tiny random-init Llama for the tests that train or decode with a local model."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from apexdsp.paths import configure_environment, shared_data_dir
 
 configure_environment()
+
+
+def _share_the_cores_between_workers() -> None:
+    """Under ``pytest -n N`` each worker gets its share of the cores (and so do the commands tests start):
+    N workers each running torch on every core would spin against each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
 
 
 @pytest.fixture(autouse=True)
