@@ -128,7 +128,7 @@ def test_computed_without_tracking_then_logged_later(tmp_path, data_dir):
     assert all("em" in r.data.metrics for r in runs)
 
 
-def test_decomposition_and_compile_time_reach_the_evaluation_rows(tmp_path, data_dir):
+def test_decomposition_and_compile_time_reach_the_evaluation_rows(tmp_path, data_dir, capsys):
     """A planning program with the ``decomposition`` metric: each evaluation scores the plans it wrote, the
     compiled one also says what its compile cost, and both reach MLflow and ``apexdsp compare``."""
     from apexdsp.experiments.compare import comparison, find_runs
@@ -152,6 +152,15 @@ def test_decomposition_and_compile_time_reach_the_evaluation_rows(tmp_path, data
     rows = {row["stage"]: row["metrics"] for row in table["runs"]}
     assert rows["uncompiled"]["decomposition"] == uncompiled.metrics["decomposition"]
     assert rows["labeled"]["compile_seconds"] == labeled.metrics["compile_seconds"]
+
+    from apexdsp.cli.app import main
+
+    capsys.readouterr()
+    assert main(["compare", "--experiment", "tiny-plans", "--metric", "em,f1,hit,decomposition,compile_seconds",
+                 "--no-plots"]) == 0
+    printed = capsys.readouterr().out  # a pipe: every header whole, not cut to 80 columns
+    assert "decomposition" in printed and "compile_seconds" in printed
+    assert f"{labeled.metrics['compile_seconds']:.3f}" in printed
 
 
 GRPO_STAGE = """after = ["labeled+grpo"]

@@ -14,7 +14,9 @@ from rich.table import Table
 
 from apexdsp.errors import ApexError
 
-console = Console()
+# A pipe or a log file has no width: print the whole table there instead of rich's 80 columns, which cut the
+# metric headers short ("compile_seco…").
+console = Console(width=None if sys.stdout.isatty() else 200)
 METRICS = ("em", "f1", "hit", "recall", "decomposition", "plan_fallback_rate", "compile_seconds", "lm_calls", "tokens",
            "seconds_per_question")
 
@@ -57,7 +59,7 @@ def compare(
     for column in ("program", "stage", *result["differing_params"]):
         table.add_column(column, overflow="fold", max_width=40)
     for name in metrics:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", min_width=len(name))
     for row in result["runs"]:
         figures = [f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row["metrics"].values()]
         table.add_row(row["program"], row["stage"], *[str(v or "") for v in row["params"].values()], *figures)
