@@ -233,8 +233,9 @@ def _trainer_stage(kind: str, program: Any, settings: dict[str, Any], context: S
         figures = {k: v for k, v in vars(result).items() if k in ("steps", "prompts", "seconds", "reward_first",
                                                                   "reward_last") and v is not None}
         context.metrics.update(_numbers(figures))
-        context.metrics.update(_numbers(getattr(result, "timing", {}) or {}, "time_"))
-        context.metrics.update(_numbers(getattr(result, "zero_std", {}) or {}, "zero_std_"))
+        # already namespaced by the trainer ("time/generation_s", "zero_std/mean_fraction")
+        context.metrics.update(_numbers(getattr(result, "timing", {}) or {}))
+        context.metrics.update(_numbers(getattr(result, "zero_std", {}) or {}))
     context.history.update(_trainer_history(context.work_dir))
     return compiled
 

@@ -202,6 +202,7 @@ def test_a_grpo_stage_trains_its_module_and_the_next_evaluation_runs_the_trained
     trained = summary.steps[1]
     assert trained.metrics["steps"] == 2 and trained.metrics["prompts"] == 2
     assert trained.metrics["compile_seconds"] >= trained.metrics["seconds"] > 0
+    assert trained.metrics["time/generation_s"] > 0 and trained.metrics["zero_std/logged_steps"] == 2
 
     # The compiled program binds reader.generate (and only it) to the weights the stage trained.
     program = cache / trained.key / "program"

@@ -13,7 +13,6 @@ from apexdsp.programs.answer import PassageReader
 from apexdsp.programs.question_forms import (choice_options, chosen_option, format_options, is_yes_no_question,
                                              parse_options)
 from apexdsp.programs.trajectory import RetrievedPassage
-from tests.test_grpo import tiny_model_dir  # noqa: F401 - the fixture
 
 
 @pytest.mark.parametrize(("question", "expected"), [
@@ -59,7 +58,7 @@ def test_dev_comparisons_offer_their_gold_answer(data_dir):
     assert not any(is_yes_no_question(q.question) for q in offered)
 
 
-def test_the_reader_answers_a_comparison_with_one_of_its_options(tiny_model_dir):  # noqa: F811
+def test_the_reader_answers_a_comparison_with_one_of_its_options(tiny_model_dir):
     """Even a random-weight model's answer to "X or Y" is one option word for word: one constrained token."""
     lm = get_lm(str(tiny_model_dir), max_tokens=16)
     passages = [RetrievedPassage(pid="1", title="Diva", text="Diva is a magazine founded in 1994.", score=1.0)]

@@ -18,7 +18,7 @@ from apexdsp.optimizers.module_prompts import format_messages
 from apexdsp.optimizers.sft import ModuleSFT, SFTExample, SFTStageConfig, collect_sft_examples
 from apexdsp.programs.base import QAProgram
 from apexdsp.programs.planner import Planner
-from tests.test_grpo import questions, tiny_model_dir  # noqa: F401 - shared fixtures
+from tests.test_grpo import questions  # noqa: F401 - the shared fixture
 
 
 class PlanAndAnswer(QAProgram):
@@ -37,7 +37,7 @@ class PlanAndAnswer(QAProgram):
 
 
 @pytest.fixture
-def tiny_lm(tiny_model_dir):  # noqa: F811
+def tiny_lm(tiny_model_dir):
     lm = get_lm(str(tiny_model_dir), max_tokens=8)
     with dspy.context(lm=lm, adapter=TolerantChatAdapter()):
         yield lm
