@@ -123,7 +123,10 @@ def _bootstrap_config(settings: dict[str, Any]) -> Any:
 def _bootstrap(program: Any, settings: dict[str, Any], context: StageContext) -> Any:
     optimizer_class = import_optimizer(STAGE_KINDS["bootstrap"].optimizer, "bootstrap")
     config = _bootstrap_config({"seed": context.seed, "threads": context.threads, **settings})
-    optimizer = optimizer_class(config, retriever=context.retriever)
+    # The teacher's pass over the trainset and each candidate's over the valset are kept as they finish:
+    # an interrupted step resumes from them instead of starting over.
+    optimizer = optimizer_class(config, retriever=context.retriever,
+                                checkpoint=context.work_dir / "bootstrap.checkpoint.json")
     compiled = optimizer.compile(program, trainset=context.trainset, valset=context.valset or None)
     report = optimizer.report
     if report is not None:
