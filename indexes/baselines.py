@@ -86,17 +86,32 @@ class DenseRetriever(CorpusRetriever):
         self.embeddings = embeddings
         self.encoder = encoder
 
+    @staticmethod
+    def _cache_file(corpus: Corpus, cache_dir: Path | None) -> Path | None:
+        if cache_dir is None or not corpus.sha256:
+            return None
+        return Path(cache_dir) / f"dense-minilm-{corpus.sha256[:16]}.npy"
+
+    @classmethod
+    def cached(cls, corpus: Corpus, cache_dir: Path) -> DenseRetriever | None:
+        """The retriever from vectors this exact corpus was encoded to before, or None (nothing is encoded)."""
+        cache = cls._cache_file(corpus, cache_dir)
+        if cache is None or not cache.is_file():
+            return None
+        encoder = MiniLMEncoder()
+        embeddings = np.load(cache)
+        if embeddings.shape != (len(corpus), encoder.model.config.hidden_size):
+            return None
+        return cls(corpus, embeddings, encoder)
+
     @classmethod
     def build(cls, corpus: Corpus, cache_dir: Path | None = None, progress: bool = False) -> DenseRetriever:
         """Encode the corpus, or load its vectors from ``cache_dir`` when this exact corpus was encoded before."""
+        found = cls.cached(corpus, cache_dir) if cache_dir is not None else None
+        if found is not None:
+            return found
         encoder = MiniLMEncoder()
-        cache = None
-        if cache_dir is not None and corpus.sha256:
-            cache = Path(cache_dir) / f"dense-minilm-{corpus.sha256[:16]}.npy"
-            if cache.is_file():
-                embeddings = np.load(cache)
-                if embeddings.shape == (len(corpus), encoder.model.config.hidden_size):
-                    return cls(corpus, embeddings, encoder)
+        cache = cls._cache_file(corpus, cache_dir)
         embeddings = encoder.encode(corpus.texts(), progress=progress)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)

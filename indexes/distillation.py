@@ -91,7 +91,11 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 
 def corpus_embeddings(corpus_paths: Sequence[str]) -> dict[str, np.ndarray]:
-    """Dense MiniLM vectors of whole corpora by passage text, from the baseline's cache (encoded once)."""
+    """Dense MiniLM vectors by passage text of the corpora the dense baseline has already encoded.
+
+    A corpus not encoded yet is skipped, not encoded: the teacher encodes just the passages it trains on,
+    a few hundred in a short run, where a whole corpus is tens of thousands (minutes on a CPU).
+    """
     from apexdsp.indexes.baselines import DenseRetriever
     from apexdsp.indexes.corpus import load_corpus
     from apexdsp.paths import cache_dir
@@ -99,6 +103,7 @@ def corpus_embeddings(corpus_paths: Sequence[str]) -> dict[str, np.ndarray]:
     known: dict[str, np.ndarray] = {}
     for path in dict.fromkeys(corpus_paths):
         corpus = load_corpus(path)
-        dense = DenseRetriever.build(corpus, cache_dir("baselines"))
-        known.update(zip(corpus.texts(), dense.embeddings))
+        dense = DenseRetriever.cached(corpus, cache_dir("baselines"))
+        if dense is not None:
+            known.update(zip(corpus.texts(), dense.embeddings))
     return known

@@ -117,3 +117,24 @@ def test_training_with_distillation_keeps_the_best_checked_step(tmp_path, data_d
     assert "teacher_s" in result.record["timings"]
     saved = json.loads((result.path / "apexdsp-encoder.json").read_text())
     assert saved["config"]["distill_weight"] == 1.0
+
+
+def test_the_teacher_reuses_cached_corpus_vectors_and_never_encodes_a_whole_corpus(tmp_path, monkeypatch):
+    """Only a corpus the dense baseline already encoded lends its vectors; an uncached one is skipped (the
+    teacher encodes the few passages it trains on), so a short training run never waits on a whole corpus."""
+    from apexdsp.indexes.baselines import DenseRetriever
+    from apexdsp.indexes.corpus import load_corpus
+    from apexdsp.indexes.distillation import corpus_embeddings
+
+    monkeypatch.setenv("APEXDSP_HOME", str(tmp_path / "home"))
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"id": str(i), "title": f"T{i}", "text": f"passage number {i} about topic {i % 3}"} for i in range(5)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert corpus_embeddings([str(path)]) == {}
+    assert not list((tmp_path / "home").rglob("*.npy"))  # nothing was encoded or cached
+
+    dense = DenseRetriever.build(load_corpus(path), tmp_path / "home" / "baselines")
+    known = corpus_embeddings([str(path)])
+    assert len(known) == 5
+    for text, vector in zip(load_corpus(path).texts(), dense.embeddings):
+        np.testing.assert_array_equal(known[text], vector)
