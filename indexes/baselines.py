@@ -93,12 +93,13 @@ class DenseRetriever(CorpusRetriever):
         return Path(cache_dir) / f"dense-minilm-{corpus.sha256[:16]}.npy"
 
     @classmethod
-    def cached(cls, corpus: Corpus, cache_dir: Path) -> DenseRetriever | None:
+    def cached(cls, corpus: Corpus, cache_dir: Path | None,
+               encoder: MiniLMEncoder | None = None) -> DenseRetriever | None:
         """The retriever from vectors this exact corpus was encoded to before, or None (nothing is encoded)."""
         cache = cls._cache_file(corpus, cache_dir)
         if cache is None or not cache.is_file():
             return None
-        encoder = MiniLMEncoder()
+        encoder = encoder or MiniLMEncoder()
         embeddings = np.load(cache)
         if embeddings.shape != (len(corpus), encoder.model.config.hidden_size):
             return None
@@ -107,10 +108,10 @@ class DenseRetriever(CorpusRetriever):
     @classmethod
     def build(cls, corpus: Corpus, cache_dir: Path | None = None, progress: bool = False) -> DenseRetriever:
         """Encode the corpus, or load its vectors from ``cache_dir`` when this exact corpus was encoded before."""
-        found = cls.cached(corpus, cache_dir) if cache_dir is not None else None
+        encoder = MiniLMEncoder()
+        found = cls.cached(corpus, cache_dir, encoder)
         if found is not None:
             return found
-        encoder = MiniLMEncoder()
         cache = cls._cache_file(corpus, cache_dir)
         embeddings = encoder.encode(corpus.texts(), progress=progress)
         if cache is not None:
