@@ -66,12 +66,24 @@ def _is_evaluation(run: Any) -> bool:
     return tags.get("apexdsp.step") == "evaluate" or tags.get("apexdsp.kind") == "evaluate"
 
 
+def _stage_depth(stage: str) -> int:
+    """How many compile stages a stage label chains: ``uncompiled`` 0, ``bootstrap`` 1, ``bootstrap+grpo`` 2."""
+    return 0 if stage == "uncompiled" else len(stage.split("+"))
+
+
 def _latest_per_step(runs: list[ComparedRun]) -> list[ComparedRun]:
-    """One run per evaluation step (a step logged into two parents shows once), oldest first."""
+    """One run per evaluation step (a step logged into two parents shows once, its latest run), in table order:
+    programs in the order they were first run, each program's stages in compile order.
+
+    Start time alone interleaves programs whose experiments ran side by side or over several sessions.
+    """
+    first_seen: dict[str, int] = {}
     chosen: dict[str, ComparedRun] = {}
     for run in sorted(runs, key=lambda r: r.start_time):
+        first_seen.setdefault(run.program, run.start_time)
         chosen[run.tags.get("apexdsp.step_key", run.run_id)] = run
-    return sorted(chosen.values(), key=lambda r: r.start_time)
+    return sorted(chosen.values(),
+                  key=lambda r: (first_seen[r.program], r.program, _stage_depth(r.stage), r.start_time))
 
 
 def find_runs(experiment: str | None = None, run_ids: list[str] | None = None) -> list[ComparedRun]:
