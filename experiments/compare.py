@@ -49,9 +49,9 @@ class ComparedRun:
 def _client() -> Any:
     from mlflow.tracking import MlflowClient
 
-    from apexdsp.tracking import configure_tracking
+    from apexdsp.tracking import configure_tracking, probe_tracking
 
-    configure_tracking()
+    probe_tracking(configure_tracking(), "start it, or compare the runs of another tracking store")
     return MlflowClient()
 
 

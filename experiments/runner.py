@@ -30,10 +30,7 @@ from apexdsp.errors import ApexError
 from apexdsp.experiments.spec import ExperimentSpec
 from apexdsp.experiments.steps import RESULT_FILE, RunContext, Step, plan_steps
 from apexdsp.tracking.run import write_json_atomic
-
-
-class TrackingUnavailable(ApexError):
-    """The MLflow tracking store cannot be reached; computed results stay in the local cache."""
+from apexdsp.tracking.store import TrackingUnavailable, probe_tracking
 
 
 @dataclass
@@ -99,20 +96,6 @@ class Ledger:
         write_json_atomic(self._data, self.path)
 
 
-def probe_tracking(uri: str) -> None:
-    """Fail fast, before any work, when a tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import requests
-
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-    except requests.RequestException as error:
-        raise TrackingUnavailable(
-            f"MLflow tracking server {uri} is unreachable ({type(error).__name__}); nothing was computed. "
-            "Start it, or run with --no-track now and log later with --log-only") from None
-
-
 def metric_name(text: str) -> str:
     """MLflow metric keys allow letters, digits, ``_ - . / :`` and spaces."""
     return re.sub(r"[^\w\-./: ]", "_", text)
@@ -151,7 +134,8 @@ class ExperimentRunner:
             from apexdsp.tracking import default_tracking_uri
 
             uri = default_tracking_uri()
-            probe_tracking(uri)
+            probe_tracking(uri, "nothing was computed. Start it, or run with --no-track now and log later "
+                                "with --log-only")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
             ledger = Ledger(self.cache_root / "ledger" / f"{self.spec.name}.json", uri, self.plan_key())

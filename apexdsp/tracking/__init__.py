@@ -2,7 +2,9 @@
 
 from apexdsp.tracking.provenance import data_file_params, file_sha256, git_commit
 from apexdsp.tracking.run import TrackedRun, tracked_run, write_json_atomic, write_text_atomic
-from apexdsp.tracking.store import configure_tracking, default_tracking_uri, ensure_experiment
+from apexdsp.tracking.store import (
+    TrackingUnavailable, configure_tracking, default_tracking_uri, ensure_experiment, probe_tracking,
+)
 
 
 def enable_dspy_tracing(experiment: str | None = None) -> None:
@@ -16,6 +18,7 @@ def enable_dspy_tracing(experiment: str | None = None) -> None:
 
 
 __all__ = [
-    "TrackedRun", "configure_tracking", "data_file_params", "default_tracking_uri", "enable_dspy_tracing",
-    "ensure_experiment", "file_sha256", "git_commit", "tracked_run", "write_json_atomic", "write_text_atomic",
+    "TrackedRun", "TrackingUnavailable", "configure_tracking", "data_file_params", "default_tracking_uri",
+    "enable_dspy_tracing", "ensure_experiment", "file_sha256", "git_commit", "probe_tracking", "tracked_run",
+    "write_json_atomic", "write_text_atomic",
 ]

@@ -28,6 +28,27 @@ def artifact_root(uri: str | None = None) -> Path:
     return cache_dir("mlartifacts")
 
 
+class TrackingUnavailable(ApexError):
+    """The MLflow tracking server cannot be reached; computed results stay in the local cache."""
+
+
+def probe_tracking(uri: str, advice: str = "") -> None:
+    """Fail fast when a tracking server does not answer.
+
+    MLflow's own client retries a refused connection with exponential backoff for minutes before it gives
+    up; one ``/health`` request with a short timeout says the same in a second.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as error:
+        raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({type(error).__name__})"
+                                  + (f"; {advice}" if advice else "")) from None
+
+
 def configure_tracking() -> str:
     """Point MLflow at the project's store; returns the URI in use."""
     import mlflow
