@@ -37,8 +37,8 @@ from apexdsp.optimizers.compiled import examples_digest
 from apexdsp.optimizers.calibration import CalibrationConfig, CalibrationReport, ChoiceCalibration
 from apexdsp.optimizers.candidates import CandidateScore, Metric, build_candidates, score_candidate, with_demos
 from apexdsp.optimizers.config import BootstrapConfig
-from apexdsp.optimizers.demos import Demo, TraceVerdict, extract_demos, judge_rollouts, labeled_plan_demos
-from apexdsp.optimizers.rollouts import run_traced
+from apexdsp.optimizers.demos import Demo, TraceVerdict, labeled_plan_demos
+from apexdsp.optimizers.teacher_pass import Outcomes, pooled, run_teacher
 from apexdsp.programs.shared import Shared
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class BootstrapReport(BaseModel):
     bootstrap_seconds: float
     selection_seconds: float
     calibration: CalibrationReport | None = None  # the choice offsets fitted after selection
+    teacher_resumed: int = 0  # training questions whose teacher run an interrupted compile had saved
 
     def best(self) -> dict[str, Any]:
         return next(c for c in self.candidates if c["index"] == self.chosen)
@@ -120,8 +121,11 @@ class RewardBootstrap(Teleprompter):
         if checkpoint is not None and checkpoint.bootstrap is not None:
             pool, rejected, verdicts, errors = checkpoint.load_bootstrap()
             _say(self.config, f"bootstrap: resumed from {checkpoint.path} ({len(verdicts)} traces judged)")
+            resumed = len(verdicts)
         else:
-            pool, rejected, verdicts, errors = self._bootstrap(teacher, train, names, retriever)
+            done = checkpoint.teacher_outcomes() if checkpoint is not None else {}
+            resumed = len(done)
+            pool, rejected, verdicts, errors = self._bootstrap(teacher, train, names, retriever, checkpoint, done)
             if checkpoint is not None:
                 checkpoint.save_bootstrap(pool, rejected, verdicts, errors)
         bootstrap_seconds = time.perf_counter() - started
@@ -148,24 +152,21 @@ class RewardBootstrap(Teleprompter):
                               demo_sets[best.index] if best.index >= 0 else {}, student,
                               bootstrap_seconds, selection_seconds)
         self.report.calibration = calibration
+        self.report.teacher_resumed = resumed
         _say(self.config, f"chosen: {best.label} ({self.config.metric} {best.metric:.3f} on "
                           f"{len(val or train)} validation questions)")
         return compiled
 
     def _bootstrap(self, teacher: dspy.Module, train: list[dspy.Example], names: dict[int, str],
-                   retriever: Retriever | None) -> tuple[dict[str, list[Demo]], Counter, list[TraceVerdict], int]:
-        _say(self.config, f"bootstrap: running the teacher on {len(train)} training questions")
+                   retriever: Retriever | None, checkpoint: CompileCheckpoint | None,
+                   done: Outcomes) -> tuple[dict[str, list[Demo]], Counter, list[TraceVerdict], int]:
+        _say(self.config, f"bootstrap: running the teacher on {len(train) - len(done)} training questions"
+                          + (f" ({len(done)} judged before the compile was interrupted)" if done else ""))
         with dspy.context(**self.teacher_settings):
-            rollouts = run_traced(teacher, train, threads=self.config.threads, progress=self.config.progress)
-        verdicts = judge_rollouts(rollouts, self.config.gates, retriever)
-        pool: dict[str, list[Demo]] = {}
-        rejected: Counter = Counter()
-        for rollout, verdict in zip(rollouts, verdicts):
-            demos, turned_down = extract_demos(rollout, verdict, names, self.config.gates)
-            rejected.update(turned_down)
-            for demo in demos:
-                pool.setdefault(demo.predictor, []).append(demo)
-        errors = sum(r.error is not None for r in rollouts)
+            outcomes = run_teacher(teacher, train, names, self.config.gates, retriever, threads=self.config.threads,
+                                   progress=self.config.progress, done=done,
+                                   on_outcome=checkpoint.save_teacher_outcomes if checkpoint is not None else None)
+        pool, rejected, verdicts, errors = pooled(outcomes)
         passed = Counter(v.reason for v in verdicts if v.passed)
         if self.labeled_plans:
             planners = [name for predictor, name in names.items() if _is_planner(predictor, teacher)]

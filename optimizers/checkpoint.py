@@ -1,8 +1,8 @@
-"""Resuming an interrupted compile: the finished phases of a bootstrap, kept in one JSON file.
+"""Resuming an interrupted compile: the finished parts of a bootstrap, kept in one JSON file.
 
 Running the teacher over the trainset and each candidate over the valset are the expensive parts (minutes
-each on a CPU). :class:`CompileCheckpoint` records each as it finishes (atomically: a killed process
-leaves the previous version of the file), under a fingerprint of everything that determines the result
+each on a CPU). :class:`CompileCheckpoint` records each teacher question and each candidate as it
+finishes (atomically: a killed process leaves the previous version of the file), under a fingerprint of everything that determines the result
 (program modules, config, data, labeled plans). A rerun with the same fingerprint skips what is done; a
 rerun with anything changed ignores the stale file and starts over, saying so.
 """
@@ -18,6 +18,7 @@ from typing import Any
 import dspy
 
 from apexdsp.optimizers.demos import Demo, TraceVerdict
+from apexdsp.optimizers.teacher_pass import Outcomes, QuestionOutcome
 from apexdsp.rewards import RewardResult
 from apexdsp.tracking import write_json_atomic
 
@@ -56,7 +57,7 @@ class CompileCheckpoint:
     def __init__(self, path: str | Path, key: str):
         self.path = Path(path)
         self.key = key
-        self.state: dict[str, Any] = {"fingerprint": key, "bootstrap": None, "candidates": {}}
+        self.state: dict[str, Any] = {"fingerprint": key, "teacher": {}, "bootstrap": None, "candidates": {}}
         if self.path.is_file():
             try:
                 saved = json.loads(self.path.read_text())
@@ -68,6 +69,20 @@ class CompileCheckpoint:
             else:
                 logger.info("%s belongs to another compile (settings or data changed): starting over", self.path)
 
+    def teacher_outcomes(self) -> Outcomes:
+        """The training questions the teacher pass judged before it was interrupted, by position."""
+        return {int(position): QuestionOutcome(verdict_from_json(data["verdict"]),
+                                               [demo_from_json(d) for d in data["demos"]], data["rejected"],
+                                               data["raised"])
+                for position, data in (self.state.get("teacher") or {}).items()}
+
+    def save_teacher_outcomes(self, outcomes: Outcomes) -> None:
+        self.state["teacher"] = {str(position): {"verdict": verdict_to_json(o.verdict),
+                                                 "demos": [demo_to_json(d) for d in o.demos],
+                                                 "rejected": o.rejected, "raised": o.raised}
+                                 for position, o in outcomes.items()}
+        write_json_atomic(self.state, self.path)
+
     @property
     def bootstrap(self) -> dict[str, Any] | None:
         return self.state.get("bootstrap")
@@ -77,6 +92,7 @@ class CompileCheckpoint:
         self.state["bootstrap"] = {"pool": {k: [demo_to_json(d) for d in v] for k, v in pool.items()},
                                    "rejected": dict(rejected), "verdicts": [verdict_to_json(v) for v in verdicts],
                                    "errors": errors}
+        self.state["teacher"] = {}  # the finished pass above holds it all
         write_json_atomic(self.state, self.path)
 
     def load_bootstrap(self) -> tuple[dict[str, list[Demo]], dict[str, int], list[TraceVerdict], int]:

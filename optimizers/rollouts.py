@@ -13,7 +13,7 @@ override, so concurrent examples never mix their calls.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,10 +71,12 @@ def question_of(example: dspy.Example | Question) -> Question:
 
 
 def run_traced(program: dspy.Module, examples: Sequence[dspy.Example], *, threads: int = 8,
-               progress: bool = True) -> list[Rollout]:
+               progress: bool = True, on_rollout: Callable[[int, Rollout], None] | None = None) -> list[Rollout]:
     """Run ``program`` on every example with tracing on; results keep the order of ``examples``.
 
     A program that raises costs its example only: the rollout keeps the error and an empty trace.
+    ``on_rollout(index, rollout)`` is called in the worker thread as each example finishes (to judge and
+    save it while the others run).
     """
     from dspy.utils.parallelizer import ParallelExecutor
 
@@ -89,6 +91,8 @@ def run_traced(program: dspy.Module, examples: Sequence[dspy.Example], *, thread
         except Exception as error:  # noqa: BLE001 - one example must never end a compile
             rollout.error = f"{type(error).__name__}: {error}"
         rollout.seconds = time.perf_counter() - started
+        if on_rollout is not None:
+            on_rollout(index, rollout)
         return rollout
 
     # timeout=0: no straggler resubmission (a slow multi-hop question would be decoded twice).

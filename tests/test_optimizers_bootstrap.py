@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import dspy
 import pytest
@@ -151,6 +153,60 @@ def test_an_interrupted_compile_resumes_from_its_checkpoint(compiled_apex, retri
         with pytest.raises(ApexError, match="no trace of 6 training questions passed"):
             RewardBootstrap(changed, checkpoint=checkpoint).compile(student, trainset=questions[:6],
                                                                     valset=questions[6:8])
+
+
+def test_a_compile_killed_in_its_teacher_pass_resumes_with_the_questions_not_yet_judged(
+        compiled_apex, lm, retriever, questions, corpus_file, data_dir, tmp_path):
+    program, report, student = compiled_apex
+    checkpoint = tmp_path / "killed.checkpoint.json"
+    # The same compile in another process, one question at a time (threads are not part of the checkpoint's
+    # fingerprint), killed once two questions were judged.
+    script = textwrap.dedent(f"""
+        import pathlib, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from apexdsp.paths import configure_environment
+        configure_environment()
+        from apexdsp.data.loaders import read_questions
+        from apexdsp.lm.engine import EngineConfig
+        from apexdsp.lm.registry import get_lm
+        from apexdsp.optimizers.bootstrap import RewardBootstrap
+        from apexdsp.programs.registry import build_program
+        from apexdsp.runtime import configure_dspy
+        from test_optimizers_bootstrap import APEX_CONFIG, SMALL_APEX, bm25
+        configure_dspy(get_lm("smollm2-135m", engine_config=EngineConfig(dtype="float32")))
+        questions = read_questions(pathlib.Path({str(data_dir / "hotpotqa" / "train.jsonl")!r}), limit=8)
+        student = build_program("apex", retriever=bm25(pathlib.Path({str(corpus_file)!r})), **SMALL_APEX)
+        RewardBootstrap(APEX_CONFIG.model_copy(update={{"threads": 1}}), checkpoint={str(checkpoint)!r}).compile(
+            student, trainset=questions[:6], valset=questions[6:8])
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    judged = _judged_questions(checkpoint)
+    deadline = time.time() + 400
+    while judged < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+        judged = _judged_questions(checkpoint)
+    process.kill()
+    _, stderr = process.communicate()
+    assert 2 <= judged < 6, stderr.decode()[-3000:]
+    saved = json.loads(checkpoint.read_text())
+    assert saved["bootstrap"] is None and not saved["candidates"]
+
+    again = RewardBootstrap(APEX_CONFIG, checkpoint=checkpoint)
+    resumed = again.compile(student, trainset=questions[:6], valset=questions[6:8])
+    assert again.report.teacher_resumed == len(saved["teacher"])
+    # Pooled in trainset order: the same demos and candidates as the compile that was never interrupted.
+    assert [p.demos for _, p in resumed.named_predictors()] == [p.demos for _, p in program.named_predictors()]
+    assert again.report.passed == report.passed
+    assert [(c["label"], c["metric"], c["f1"]) for c in again.report.candidates] == \
+        [(c["label"], c["metric"], c["f1"]) for c in report.candidates]
+    assert json.loads(checkpoint.read_text())["teacher"] == {}  # the finished pass replaced the per-question part
+
+
+def _judged_questions(checkpoint: Path) -> int:
+    try:
+        return len(json.loads(checkpoint.read_text()).get("teacher") or {})
+    except (OSError, ValueError):
+        return 0
 
 
 class PlanSearchAnswer(dspy.Module):
