@@ -8,7 +8,9 @@ logged as which child run of which parent run, per tracking store. So:
 * a failed step is resumed by running again (finished steps are reused; the parent run is reopened);
 * with MLflow down, ``--no-track`` computes anyway, and ``--log-only`` later logs what was computed,
   without recomputing it;
-* a lock file keeps two processes from running the same experiment (and writing the same steps) at once.
+* a lock file keeps two processes from running the same experiment (and writing the same steps) at once;
+* a step's ``seconds`` (and a compile's ``compile_seconds``) are its active time over every attempt,
+  pauses left out (:class:`~apexdsp.experiments.step_clock.StepClock`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.console import Console
 
 from apexdsp.errors import ApexError
 from apexdsp.experiments.spec import ExperimentSpec
+from apexdsp.experiments.step_clock import StepClock
 from apexdsp.experiments.steps import RESULT_FILE, RunContext, Step, plan_steps
 from apexdsp.tracking.run import write_json_atomic
 from apexdsp.tracking.store import TrackingUnavailable, probe_tracking
@@ -231,15 +234,18 @@ class ExperimentRunner:
             return self._report(step, "cached", run_id)
         self.console.print(f"[bold]{step.label} ({step.kind})[/]: computing into {work_dir}")
         work_dir.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        output = step.run(self.context, work_dir)
-        seconds = time.perf_counter() - started
+        with StepClock(work_dir) as clock:  # active seconds over every attempt, kept in the step's folder
+            output = step.run(self.context, work_dir)
+        seconds = clock.total
+        metrics = {**output.metrics, **({step.seconds_metric: seconds} if step.seconds_metric else {})}
         result = {"kind": step.kind, "label": step.label, "key": step.key, "spec": self.spec.name,
-                  "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "params": output.params, "metrics": output.metrics, "artifacts": output.artifacts,
+                  "seconds": seconds, "attempts": clock.attempts, "paused_seconds": clock.paused,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "params": output.params, "metrics": metrics, "artifacts": output.artifacts,
                   "history": output.history, "load_average": list(os.getloadavg())}
         write_json_atomic(result, work_dir / RESULT_FILE)  # last: its presence means the step is done
-        self.console.print(f"{step.label} ({step.kind}): done in {seconds:.0f}s")
+        self.console.print(f"{step.label} ({step.kind}): done in {seconds:.0f}s"
+                           + (f" over {clock.attempts} attempts" if clock.attempts > 1 else ""))
         return self._report(step, "computed", run_id)
 
     def _report(self, step: Step, status: str, run_id: str | None) -> StepReport:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -82,6 +81,7 @@ class Step:
     """One unit of cached work. Subclasses give ``kind``, ``label``, ``identity()`` and ``run()``."""
 
     kind = "step"
+    seconds_metric: str | None = None  # the metric that reports the step's active seconds (StepClock)
 
     def __init__(self, label: str, upstream: list[Step] | None = None):
         self.label = label
@@ -281,6 +281,7 @@ class CompileStep(Step):
     """One optimizer stage applied to the previous stage's program."""
 
     kind = "compile"
+    seconds_metric = "compile_seconds"  # over every attempt of a resumed compile, pauses left out
 
     def __init__(self, spec: ExperimentSpec, position: int, label: str, upstream: list[Step],
                  previous: CompileStep | None, searched: dict[str, Any] | None):
@@ -306,16 +307,14 @@ class CompileStep(Step):
                                      valset=load_source(self.spec.data.val), seed=self.spec.seed,
                                      work_dir=work_dir, retriever=context.retriever(),
                                      threads=self.spec.evaluation.threads)
-        started = time.perf_counter()
         compiled = run_stage(self.stage.kind, program, dict(self.stage.settings), stage_context)
-        seconds = time.perf_counter() - started
         save_program(compiled, work_dir / "program", context,
                      {"name": self.stage.kind, "stage": self.label, "settings": self.stage.settings})
         params = {"stage": self.label, "stage_kind": self.stage.kind,
                   **{f"settings.{k}": v for k, v in self.stage.settings.items()},
                   "train": self.spec.data.train.describe(), "n_train": len(stage_context.trainset),
                   "n_val": len(stage_context.valset)}
-        return StepOutput(params=params, metrics={**stage_context.metrics, "compile_seconds": seconds},
+        return StepOutput(params=params, metrics=stage_context.metrics,
                           artifacts=["program"], history=stage_context.history)
 
     def chain(self) -> list[CompileStep]:

@@ -82,6 +82,8 @@ def test_a_failed_step_resumes_without_redoing_finished_ones(tmp_path, data_dir,
     summary = runner_for(spec_path, cache).run()
     assert [s.status for s in summary.steps] == ["cached", "cached", "computed"]
     assert calls == ["uncompiled", "labeled", "labeled"]
+    attempts = [json.loads((cache / s.key / "result.json").read_text())["attempts"] for s in summary.steps]
+    assert attempts == [1, 1, 2]  # the step's seconds count the interrupted attempt too (StepClock)
     assert summary.parent_run_id == parent_runs[0].info.run_id  # the same parent run, now finished
     assert mlflow.get_run(summary.parent_run_id).info.status == "FINISHED"
     statuses = sorted(r.info.status for r in evaluation_runs("tiny"))
