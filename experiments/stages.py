@@ -41,14 +41,25 @@ class StageContext:
 StageFunction = Callable[[Any, dict[str, Any], StageContext], Any]
 
 
+# Trainer settings that change how a stage runs, not what it computes (checkpointing, logging, threads,
+# micro-batches that accumulate to the same step).
+TRAINER_EXECUTION_SETTINGS = frozenset({"save_steps", "save_total_limit", "logging_steps", "resume", "num_threads",
+                                        "micro_batch_size", "gradient_checkpointing"})
+
+
 @dataclass(frozen=True)
 class StageKind:
+    """A stage a spec can name. ``execution_settings``: the settings that change how it runs, not what it
+    computes; they are left out of the step's key, so a long stage can be made to checkpoint more often or
+    use less memory without recomputing it or what follows."""
+
     name: str
     optimizer: str  # "module:attribute" of the optimizer, for messages and docs
     run: StageFunction
     description: str
     config: str | None = None  # "module:attribute" of its settings class, when separate
     check: Callable[[dict[str, Any]], Any] | None = None  # raises ValueError for bad settings
+    execution_settings: frozenset[str] = frozenset()
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """Check settings while the spec is read; an optimizer not importable yet is checked when it runs."""
@@ -264,19 +275,23 @@ def _sft_stage(program: Any, settings: dict[str, Any], context: StageContext) ->
 STAGE_KINDS: dict[str, StageKind] = {
     "bootstrap": StageKind("bootstrap", "apexdsp.optimizers.bootstrap:RewardBootstrap", _bootstrap,
                            "reward-filtered few-shot bootstrapping with random search (issue 5)",
-                           check=lambda settings: _bootstrap_config(settings)),
+                           check=lambda settings: _bootstrap_config(settings),
+                           execution_settings=frozenset({"threads", "progress"})),
     "grpo": StageKind("grpo", "apexdsp.optimizers.grpo:ModuleGRPO",
                       lambda p, s, c: _trainer_stage("grpo", p, s, c),
                       "GRPO on one module's LM with that module's reward (issue 6)",
                       config="apexdsp.optimizers.grpo_config:ModuleGRPOConfig",
-                      check=lambda settings: _check_trainer("grpo", settings, _GRPO_CALL)),
+                      check=lambda settings: _check_trainer("grpo", settings, _GRPO_CALL),
+                      execution_settings=TRAINER_EXECUTION_SETTINGS),
     "sft": StageKind("sft", "apexdsp.optimizers.sft:ModuleSFT", _sft_stage,
                      "supervised fine-tuning of the executor on high-reward trajectories (issue 6)",
                      config="apexdsp.optimizers.sft:SFTStageConfig",
-                     check=lambda settings: _check_trainer("sft", settings, _SFT_CALL)),
+                     check=lambda settings: _check_trainer("sft", settings, _SFT_CALL),
+                     execution_settings=TRAINER_EXECUTION_SETTINGS),
     "calibrate": StageKind("calibrate", "apexdsp.optimizers.calibration:ChoiceCalibration", _calibrate,
                            "offsets of the yes/no and A/B answer steps fitted on the trainset (no weights)",
-                           check=lambda settings: _calibration_config(settings)),
+                           check=lambda settings: _calibration_config(settings),
+                           execution_settings=frozenset({"threads", "progress"})),
     "labeled": StageKind("labeled", "dspy:LabeledFewShot", _labeled,
                          "DSPy's LabeledFewShot: k gold question/answer demos per module", check=_check_labeled),
 }

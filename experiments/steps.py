@@ -18,7 +18,7 @@ from typing import Any
 
 from apexdsp.errors import ApexError
 from apexdsp.experiments.spec import ExperimentSpec, QuestionSource
-from apexdsp.experiments.stages import StageContext, run_stage, stage_labels
+from apexdsp.experiments.stages import STAGE_KINDS, StageContext, run_stage, stage_labels
 from apexdsp.tracking.run import write_json_atomic
 
 RESULT_FILE = "result.json"
@@ -270,13 +270,6 @@ def index_identity(spec: ExperimentSpec, index_step: IndexStep | None) -> dict[s
     return {"kind": "colbert", "step": index_step.key}
 
 
-# Trainer settings that change how a stage runs, not what it computes (checkpointing, logging, threads,
-# micro-batches that accumulate to the same step): left out of the key, so a long stage can be made to
-# checkpoint more often or use less memory without recomputing it or what follows.
-EXECUTION_SETTINGS = frozenset({"save_steps", "save_total_limit", "logging_steps", "resume", "num_threads",
-                                "micro_batch_size", "gradient_checkpointing"})
-
-
 class CompileStep(Step):
     """One optimizer stage applied to the previous stage's program."""
 
@@ -295,7 +288,8 @@ class CompileStep(Step):
     def identity(self) -> dict[str, Any]:
         spec = self.spec
         stage = self.stage.model_dump(mode="json")
-        stage["settings"] = {k: v for k, v in stage["settings"].items() if k not in EXECUTION_SETTINGS}
+        how_it_runs = STAGE_KINDS[self.stage.kind].execution_settings  # not what it computes
+        stage["settings"] = {k: v for k, v in stage["settings"].items() if k not in how_it_runs}
         return {"stage": stage, "program": spec.program.model_dump(mode="json"),
                 "lm": spec.lm.model_dump(mode="json"), "seed": spec.seed, "index": self.searched,
                 "train": source_identity(spec.data.train), "val": source_identity(spec.data.val)}

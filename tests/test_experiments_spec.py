@@ -64,6 +64,23 @@ def test_how_a_trainer_stage_runs_is_not_part_of_its_key(tmp_path, data_dir):
     assert changed["labeled+grpocompile"] != base["labeled+grpocompile"]
     assert changed["labeledcompile"] == base["labeledcompile"]
 
+def test_a_users_own_stage_kind_names_its_own_execution_settings(tmp_path, data_dir, monkeypatch):
+    from apexdsp.experiments.stages import STAGE_KINDS, StageKind
+
+    monkeypatch.setitem(STAGE_KINDS, "mine", StageKind("mine", "my_optimizers:Mine", lambda p, s, c: p,
+                                                       "a user's optimizer", execution_settings=frozenset({"workers"})))
+    mine = '\n[[optimizer.stages]]\nkind = "mine"\n[optimizer.stages.settings]\n{}\n'
+
+    def key(settings: str) -> str:
+        spec_path = write_tiny_experiment(tmp_path / settings.replace(" ", "").replace("\n", "_"), data_dir,
+                                          extra=mine.format(settings))
+        return next(s.key for s in plan_steps(load_spec(spec_path)) if s.label == "labeled+mine" and s.kind == "compile")
+
+    assert key("depth = 2\nworkers = 1") == key("depth = 2\nworkers = 8") != key("depth = 3\nworkers = 1")
+    # the built-in trainer settings are GRPO's and SFT's, not every stage's
+    assert key("depth = 2\nsave_steps = 1") != key("depth = 2")
+
+
 BAD = [
     ("unknown top-level key", ("[program]", "colour = 'red'\n[program]"), "colour: unknown key"),
     ("unknown nested key", ('kind = "bm25"', 'kind = "bm25"\ncorpora = "x"'), "index.corpora: unknown key"),
