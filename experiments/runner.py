@@ -127,6 +127,20 @@ class ExperimentRunner:
     def is_done(self, step: Step) -> bool:
         return (self.context.step_dir(step) / RESULT_FILE).is_file()
 
+    def state(self, step: Step) -> str:
+        """``done``, ``to do``, or how far an interrupted step got (what a rerun resumes from)."""
+        work_dir = self.context.step_dir(step)
+        if self.is_done(step):
+            return "done"
+        if not work_dir.is_dir():
+            return "to do"
+        clock = StepClock.read(work_dir)
+        parts = [step.progress(work_dir)]
+        if clock:
+            parts.append(f"{clock['seconds'] / 60:.0f} min of work in {clock['attempts']} attempt"
+                         + ("s" if clock["attempts"] > 1 else ""))
+        return "in progress: " + (", ".join(part for part in parts if part) or "started")
+
     def run(self, track: bool = True, log_only: bool = False) -> RunSummary:
         """Compute missing steps (unless ``log_only``) and log unlogged ones (when ``track``)."""
         if log_only and not track:

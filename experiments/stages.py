@@ -60,6 +60,7 @@ class StageKind:
     config: str | None = None  # "module:attribute" of its settings class, when separate
     check: Callable[[dict[str, Any]], Any] | None = None  # raises ValueError for bad settings
     execution_settings: frozenset[str] = frozenset()
+    progress: Callable[[Path], str | None] | None = None  # how far an unfinished stage got, from its folder
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """Check settings while the spec is read; an optimizer not importable yet is checked when it runs."""
@@ -272,22 +273,47 @@ def _sft_stage(program: Any, settings: dict[str, Any], context: StageContext) ->
     return compiled
 
 
+def _bootstrap_progress(work_dir: Path) -> str | None:
+    """How far an interrupted bootstrap got, from its checkpoint."""
+    import json
+
+    try:
+        state = json.loads((work_dir / "bootstrap.checkpoint.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("bootstrap") is None:
+        return f"teacher pass: {len(state.get('teacher') or {})} training questions judged"
+    return f"teacher pass done, {len(state.get('candidates') or {})} candidates scored"
+
+
+def _trainer_progress(work_dir: Path) -> str | None:
+    """The last checkpoint of an interrupted GRPO or SFT run (``<module>/checkpoints/checkpoint-N``)."""
+    import json
+
+    states = sorted(work_dir.glob("*/*/checkpoints/checkpoint-*/trainer_state.json"),
+                    key=lambda path: int(path.parent.name.split("-")[-1]))
+    if not states:
+        return None
+    state = json.loads(states[-1].read_text())
+    return f"checkpoint at step {state.get('global_step')} of {state.get('max_steps')}"
+
+
 STAGE_KINDS: dict[str, StageKind] = {
     "bootstrap": StageKind("bootstrap", "apexdsp.optimizers.bootstrap:RewardBootstrap", _bootstrap,
                            "reward-filtered few-shot bootstrapping with random search (issue 5)",
                            check=lambda settings: _bootstrap_config(settings),
-                           execution_settings=frozenset({"threads", "progress"})),
+                           execution_settings=frozenset({"threads", "progress"}), progress=_bootstrap_progress),
     "grpo": StageKind("grpo", "apexdsp.optimizers.grpo:ModuleGRPO",
                       lambda p, s, c: _trainer_stage("grpo", p, s, c),
                       "GRPO on one module's LM with that module's reward (issue 6)",
                       config="apexdsp.optimizers.grpo_config:ModuleGRPOConfig",
                       check=lambda settings: _check_trainer("grpo", settings, _GRPO_CALL),
-                      execution_settings=TRAINER_EXECUTION_SETTINGS),
+                      execution_settings=TRAINER_EXECUTION_SETTINGS, progress=_trainer_progress),
     "sft": StageKind("sft", "apexdsp.optimizers.sft:ModuleSFT", _sft_stage,
                      "supervised fine-tuning of the executor on high-reward trajectories (issue 6)",
                      config="apexdsp.optimizers.sft:SFTStageConfig",
                      check=lambda settings: _check_trainer("sft", settings, _SFT_CALL),
-                     execution_settings=TRAINER_EXECUTION_SETTINGS),
+                     execution_settings=TRAINER_EXECUTION_SETTINGS, progress=_trainer_progress),
     "calibrate": StageKind("calibrate", "apexdsp.optimizers.calibration:ChoiceCalibration", _calibrate,
                            "offsets of the yes/no and A/B answer steps fitted on the trainset (no weights)",
                            check=lambda settings: _calibration_config(settings),

@@ -82,8 +82,13 @@ class StepClock:
         write_json_atomic(state, self.path)
 
     def _read(self) -> dict[str, Any]:
+        return self.read(self.path.parent)
+
+    @staticmethod
+    def read(work_dir: Path) -> dict[str, Any]:
+        """What the step's earlier attempts counted (``seconds``, ``attempts``, ``paused_seconds``); {} if none."""
         try:
-            return json.loads(self.path.read_text())
+            return json.loads((Path(work_dir) / CLOCK_FILE).read_text())
         except (OSError, ValueError):
             return {}
 

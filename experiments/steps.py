@@ -100,6 +100,10 @@ class Step:
     def run(self, context: RunContext, work_dir: Path) -> StepOutput:
         raise NotImplementedError
 
+    def progress(self, work_dir: Path) -> str | None:
+        """How far an interrupted run of this step got, read from what it kept in ``work_dir``."""
+        return None
+
 
 class RunContext:
     """What steps share within one ``apexdsp run``: the spec, the step folders, the loaded index and LMs."""
@@ -294,6 +298,10 @@ class CompileStep(Step):
                 "lm": spec.lm.model_dump(mode="json"), "seed": spec.seed, "index": self.searched,
                 "train": source_identity(spec.data.train), "val": source_identity(spec.data.val)}
 
+    def progress(self, work_dir: Path) -> str | None:
+        described = STAGE_KINDS[self.stage.kind].progress
+        return described(work_dir) if described is not None else None
+
     def run(self, context: RunContext, work_dir: Path) -> StepOutput:
         previous = context.step_dir(self.previous) / "program" if self.previous else None
         program = load_program(context, previous)
@@ -332,6 +340,13 @@ class EvaluateStep(Step):
         spec = self.spec
         return {"program": spec.program.model_dump(mode="json"), "lm": spec.lm.model_dump(mode="json"),
                 "index": self.searched, "test": source_identity(spec.data.test)}
+
+    def progress(self, work_dir: Path) -> str | None:
+        path = work_dir / "progress.jsonl"  # one line per question answered (evaluate_program's checkpoint)
+        if not path.is_file():
+            return None
+        answered = sum(1 for line in path.read_text().splitlines() if line.strip())
+        return f"{answered} of {len(load_source(self.spec.data.test))} test questions answered"
 
     def run(self, context: RunContext, work_dir: Path) -> StepOutput:
         import contextlib

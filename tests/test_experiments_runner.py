@@ -78,6 +78,9 @@ def test_a_failed_step_resumes_without_redoing_finished_ones(tmp_path, data_dir,
     parent_runs = [r for r in mlflow.search_runs(experiment_names=["tiny"], output_format="list")
                    if r.data.tags.get("apexdsp.kind") == "experiment"]
     assert len(parent_runs) == 1 and parent_runs[0].info.status == "FAILED"
+    interrupted_runner = runner_for(spec_path, cache)
+    assert [interrupted_runner.state(step) for step in interrupted_runner.steps] == [
+        "done", "done", "in progress: 0 min of work in 1 attempt"]
 
     summary = runner_for(spec_path, cache).run()
     assert [s.status for s in summary.steps] == ["cached", "cached", "computed"]
@@ -225,3 +228,10 @@ def test_a_grpo_stage_trains_its_module_and_the_next_evaluation_runs_the_trained
     curves = reward_histories(find_runs("tiny-grpo", []))
     mean_reward = [points for name, points in curves.items() if name.endswith(": reward")]
     assert len(mean_reward) == 1 and [step for step, _ in mean_reward[0]] == [1, 2]
+
+    # Had the run been killed after its last checkpoint, `apexdsp run --check` says where a rerun resumes.
+    runner = runner_for(spec_path, cache)
+    step = next(s for s in runner.steps if s.key == trained.key)
+    (cache / trained.key / "result.json").unlink()
+    assert runner.state(step).startswith("in progress: checkpoint at step 2 of 2, ")
+    assert runner.state(step).endswith("min of work in 1 attempt")

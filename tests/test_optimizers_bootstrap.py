@@ -158,7 +158,7 @@ def test_an_interrupted_compile_resumes_from_its_checkpoint(compiled_apex, retri
 def test_a_compile_killed_in_its_teacher_pass_resumes_with_the_questions_not_yet_judged(
         compiled_apex, lm, retriever, questions, corpus_file, data_dir, tmp_path):
     program, report, student = compiled_apex
-    checkpoint = tmp_path / "killed.checkpoint.json"
+    checkpoint = tmp_path / "bootstrap.checkpoint.json"  # where an `apexdsp run` bootstrap stage keeps it
     # The same compile in another process, one question at a time (threads are not part of the checkpoint's
     # fingerprint), killed once two questions were judged.
     script = textwrap.dedent(f"""
@@ -190,6 +190,9 @@ def test_a_compile_killed_in_its_teacher_pass_resumes_with_the_questions_not_yet
     assert 2 <= judged < 6, stderr.decode()[-3000:]
     saved = json.loads(checkpoint.read_text())
     assert saved["bootstrap"] is None and not saved["candidates"]
+    from apexdsp.experiments.stages import STAGE_KINDS  # what `apexdsp run --check` shows for the step
+
+    assert STAGE_KINDS["bootstrap"].progress(tmp_path) == f"teacher pass: {len(saved['teacher'])} training questions judged"
 
     again = RewardBootstrap(APEX_CONFIG, checkpoint=checkpoint)
     resumed = again.compile(student, trainset=questions[:6], valset=questions[6:8])

@@ -31,7 +31,7 @@ def run(
     spec: Annotated[list[Path], typer.Argument(help="Experiment specs (TOML), e.g. experiments/specs/hotpotqa-*.toml.")],
     track: Annotated[bool, typer.Option(help="Log to MLflow (--no-track: compute only; log later with --log-only).")] = True,
     log_only: Annotated[bool, typer.Option("--log-only", help="Compute nothing; log the steps already computed.")] = False,
-    check: Annotated[bool, typer.Option("--check", help="Only check the spec and print the planned steps.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Only check the spec and print the planned steps and how far each got.")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Step cache (default .apexdsp/experiments).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -51,8 +51,7 @@ def _print_plan(runner: ExperimentRunner, header: bool) -> None:
     if header:
         console.print(f"[bold]{runner.spec.name}[/]")
     for step in runner.steps:
-        state = "done" if runner.is_done(step) else "to do"
-        console.print(f"{step.kind:9} {step.label:30} {step.key}  {state}")
+        console.print(f"{step.kind:9} {step.label:30} {step.key}  {runner.state(step)}", soft_wrap=True)
 
 
 def _run_one(runner: ExperimentRunner, *, track: bool, log_only: bool, as_json: bool) -> None:
