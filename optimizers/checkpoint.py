@@ -2,9 +2,10 @@
 
 Running the teacher over the trainset and each candidate over the valset are the expensive parts (minutes
 each on a CPU). :class:`CompileCheckpoint` records each teacher question and each candidate as it
-finishes (atomically: a killed process leaves the previous version of the file), under a fingerprint of everything that determines the result
-(program modules, config, data, labeled plans). A rerun with the same fingerprint skips what is done; a
-rerun with anything changed ignores the stale file and starts over, saying so.
+finishes (atomically: a killed process leaves the previous version of the file), under a fingerprint of
+everything that determines the result (program modules, config, data, labeled plans). A rerun with the
+same fingerprint skips what is done; a rerun with anything changed ignores the stale file and starts over,
+saying so.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What `apexdsp compare` shows: the order of its rows, and reward curves of mean rewards only (not spreads, shares or timings)."""
+"""What `apexdsp compare` shows: its rows in table order, and reward curves of mean rewards only (not
+spreads, shares or timings)."""
 
 from __future__ import annotations
 

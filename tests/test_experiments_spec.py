@@ -74,7 +74,8 @@ def test_a_users_own_stage_kind_names_its_own_execution_settings(tmp_path, data_
     def key(settings: str) -> str:
         spec_path = write_tiny_experiment(tmp_path / settings.replace(" ", "").replace("\n", "_"), data_dir,
                                           extra=mine.format(settings))
-        return next(s.key for s in plan_steps(load_spec(spec_path)) if s.label == "labeled+mine" and s.kind == "compile")
+        steps = plan_steps(load_spec(spec_path))
+        return next(s.key for s in steps if s.label == "labeled+mine" and s.kind == "compile")
 
     assert key("depth = 2\nworkers = 1") == key("depth = 2\nworkers = 8") != key("depth = 3\nworkers = 1")
     # the built-in trainer settings are GRPO's and SFT's, not every stage's

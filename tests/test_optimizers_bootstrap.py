@@ -192,7 +192,8 @@ def test_a_compile_killed_in_its_teacher_pass_resumes_with_the_questions_not_yet
     assert saved["bootstrap"] is None and not saved["candidates"]
     from apexdsp.experiments.stages import STAGE_KINDS  # what `apexdsp run --check` shows for the step
 
-    assert STAGE_KINDS["bootstrap"].progress(tmp_path) == f"teacher pass: {len(saved['teacher'])} training questions judged"
+    described = STAGE_KINDS["bootstrap"].progress(tmp_path)
+    assert described == f"teacher pass: {len(saved['teacher'])} training questions judged"
 
     again = RewardBootstrap(APEX_CONFIG, checkpoint=checkpoint)
     resumed = again.compile(student, trainset=questions[:6], valset=questions[6:8])

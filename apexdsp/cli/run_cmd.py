@@ -31,7 +31,7 @@ def run(
     spec: Annotated[list[Path], typer.Argument(help="Experiment specs (TOML), e.g. experiments/specs/hotpotqa-*.toml.")],
     track: Annotated[bool, typer.Option(help="Log to MLflow (--no-track: compute only; log later with --log-only).")] = True,
     log_only: Annotated[bool, typer.Option("--log-only", help="Compute nothing; log the steps already computed.")] = False,
-    check: Annotated[bool, typer.Option("--check", help="Only check the spec and print the planned steps and how far each got.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Only check the spec and print the planned steps, and how far each got.")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Step cache (default .apexdsp/experiments).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
