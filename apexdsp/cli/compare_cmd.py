@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from apexdsp.cli.consoles import wide_console
 from apexdsp.errors import ApexError
 
 # A pipe or a log file has no width: print the whole table there instead of rich's 80 columns, which cut the
 # metric headers short ("compile_seco…").
-console = Console(width=None if sys.stdout.isatty() else 200)
+console = wide_console()
 METRICS = ("em", "f1", "hit", "recall", "decomposition", "plan_fallback_rate", "compile_seconds", "lm_calls", "tokens",
            "seconds_per_question")
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from apexdsp.cli.consoles import wide_console
 
 if TYPE_CHECKING:
     from apexdsp.experiments.runner import ExperimentRunner
 
-console = Console()
+console = wide_console()
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +40,8 @@ def run(
     from apexdsp.experiments.runner import ExperimentRunner
     from apexdsp.experiments.spec import load_spec
 
-    runners = [ExperimentRunner(load_spec(path), path, cache_root=cache_dir) for path in spec]  # all checked first
+    runners = [ExperimentRunner(load_spec(path), path, cache_root=cache_dir, console=wide_console(stderr=True))
+               for path in spec]  # all checked first
     for runner in runners:
         if check:
             _print_plan(runner, header=len(runners) > 1)
