@@ -287,14 +287,16 @@ def _bootstrap_progress(work_dir: Path) -> str | None:
 
 
 def _trainer_progress(work_dir: Path) -> str | None:
-    """The last checkpoint of an interrupted GRPO or SFT run (``<module>/checkpoints/checkpoint-N``)."""
+    """The last checkpoint of an interrupted GRPO or SFT run (``<kind>/<module>/checkpoints/checkpoint-N``)."""
     import json
 
-    states = sorted(work_dir.glob("*/*/checkpoints/checkpoint-*/trainer_state.json"),
-                    key=lambda path: int(path.parent.name.split("-")[-1]))
-    if not states:
+    from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
+
+    found = [c for c in map(last_checkpoint, work_dir.glob("*/*/checkpoints")) if c is not None]
+    if not found:
         return None
-    state = json.loads(states[-1].read_text())
+    newest = max(found, key=lambda path: int(path.name.split("-")[-1]))
+    state = json.loads((newest / "trainer_state.json").read_text())
     return f"checkpoint at step {state.get('global_step')} of {state.get('max_steps')}"
 
 

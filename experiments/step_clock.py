@@ -32,7 +32,7 @@ class StepClock:
         self.path = Path(work_dir) / CLOCK_FILE
         self.interval = interval
         self.max_gap = max_gap if max_gap is not None else 4 * interval
-        earlier = self._read()
+        earlier = self.read(work_dir)
         self.earlier = float(earlier.get("seconds", 0.0))  # attempts before this one
         self.attempts = int(earlier.get("attempts", 0)) + 1
         self.paused = float(earlier.get("paused_seconds", 0.0))
@@ -80,9 +80,6 @@ class StepClock:
             state = {"seconds": self.earlier + self._active, "attempts": self.attempts,
                      "paused_seconds": self.paused}
         write_json_atomic(state, self.path)
-
-    def _read(self) -> dict[str, Any]:
-        return self.read(self.path.parent)
 
     @staticmethod
     def read(work_dir: Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from apexdsp.optimizers.module_prompts import (ModulePrompt, ModulePromptCollect
 from apexdsp.optimizers.module_rewards import ModuleReward, TRLRewardFunction, build_module_reward
 from apexdsp.optimizers.trained_lm import (copy_program, is_trained, module_lm, read_manifest,
                                            save_trained_weights, trainable_model_dir, use_trained_lm, weights_dir)
+from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
 from apexdsp.tracking.run import tracked_run, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class ModuleGRPO(Teleprompter):
         with tracked_run(self.experiment, run_name=f"grpo-{name}", params=params, nested=_has_active_run(),
                          tags={"apexdsp.kind": "grpo", "apexdsp.module": module}) as run:
             trainer, monitor = self._trainer(config, base_dir, prompts, reward_fn, work, module)
-            checkpoint = _last_checkpoint(work / "checkpoints") if config.resume else None
+            checkpoint = last_checkpoint(work / "checkpoints") if config.resume else None
             if checkpoint:
                 logger.info("GRPO %s: resuming from %s", module, checkpoint)
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -206,15 +207,6 @@ def _has_active_run() -> bool:
     import mlflow
 
     return mlflow.active_run() is not None
-
-
-def _last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete ``checkpoint-N`` folder (one with trainer state), if any."""
-    if not folder.is_dir():
-        return None
-    found = [(int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
 
 
 __all__ = ["COMPILE_EXPERIMENT", "GRPOResult", "ModuleGRPO"]

@@ -23,7 +23,8 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from apexdsp.errors import ApexError
-from apexdsp.optimizers.grpo import COMPILE_EXPERIMENT, _has_active_run, _last_checkpoint, align_end_of_turn
+from apexdsp.optimizers.grpo import COMPILE_EXPERIMENT, _has_active_run, align_end_of_turn
+from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
 from apexdsp.optimizers.grpo_config import LoraOptions
 from apexdsp.optimizers.grpo_tracking import MlflowStepLogger
 from apexdsp.optimizers.module_prompts import as_questions, current_adapter, format_messages, reply_prefix
@@ -163,7 +164,7 @@ class ModuleSFT(Teleprompter):
         with tracked_run(self.experiment, run_name=f"sft-{name}", params=params, nested=_has_active_run(),
                          tags={"apexdsp.kind": "sft"}) as run:
             trainer = self._trainer(base_dir, examples, work)
-            checkpoint = _last_checkpoint(work / "checkpoints") if config.resume else None
+            checkpoint = last_checkpoint(work / "checkpoints") if config.resume else None
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             run.log_metrics({"compile_seconds": time.perf_counter() - started})
             save_trained_weights(trainer.model, trainer.processing_class, target,
