@@ -8,7 +8,8 @@ logged as which child run of which parent run, per tracking store. So:
 * a failed step is resumed by running again (finished steps are reused; the parent run is reopened);
 * with MLflow down, ``--no-track`` computes anyway, and ``--log-only`` later logs what was computed,
   without recomputing it;
-* a lock file keeps two processes from running the same experiment (and writing the same steps) at once;
+* a lock file keeps two processes from running the same experiment at once, and a lock per step makes an
+  experiment wait while another computes a step they share (the encoder and index of a data set);
 * a step's ``seconds`` (and a compile's ``compile_seconds``) are its active time over every attempt,
   pauses left out (:class:`~apexdsp.experiments.step_clock.StepClock`).
 """
@@ -21,7 +22,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,28 @@ def experiment_lock(cache_root: Path, name: str) -> Iterator[Path]:
         yield path
     finally:
         handle.close()
+
+
+@contextlib.contextmanager
+def step_lock(cache_root: Path, key: str, on_wait: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``<cache>/locks/step-<key>.lock`` while a step is computed, waiting if another process holds it.
+
+    Experiments share steps (the four specs of a data set train one encoder and build one index); two of
+    them started together would otherwise both compute the shared step into the same folder.
+    """
+    path = cache_root / "locks" / f"step-{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            on_wait(handle.read().strip() or "another process")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
+        handle.flush()
+        yield
 
 
 class Ledger:
@@ -243,9 +266,18 @@ class ExperimentRunner:
     def _execute(self, step: Step, run_id: str | None) -> StepReport:
         """The step's result: from its cache folder if done, else computed now and written there."""
         work_dir = self.context.step_dir(step)
-        if self.is_done(step):
-            self.console.print(f"[dim]{step.label} ({step.kind}): reusing {work_dir.name}[/]")
-            return self._report(step, "cached", run_id)
+        if not self.is_done(step):
+            def waiting(holder: str) -> None:
+                self.console.print(f"[yellow]{step.label} ({step.kind}): another experiment is computing this "
+                                   f"step ({holder}); waiting for it[/]")
+
+            with step_lock(self.cache_root, step.key, waiting):
+                if not self.is_done(step):  # the other process may have finished it meanwhile
+                    return self._compute(step, work_dir, run_id)
+        self.console.print(f"[dim]{step.label} ({step.kind}): reusing {work_dir.name}[/]")
+        return self._report(step, "cached", run_id)
+
+    def _compute(self, step: Step, work_dir: Path, run_id: str | None) -> StepReport:
         self.console.print(f"[bold]{step.label} ({step.kind})[/]: computing into {work_dir}")
         work_dir.mkdir(parents=True, exist_ok=True)
         with StepClock(work_dir) as clock:  # active seconds over every attempt, kept in the step's folder

@@ -43,13 +43,20 @@ def _resolve(value: str | Path, info: ValidationInfo) -> Path:
 
 
 class QuestionSource(_Strict):
-    """A slice of a question file (``offset``/``limit`` in file order), or a hub data set by name."""
+    """A slice of a question file (``offset``/``limit`` in file order), or a hub data set by name.
+
+    ``sample`` draws that many questions from the slice at random (``sample_seed``; file order kept), so a
+    small validation set has the slice's mix of question types: a run of consecutive questions need not
+    (HotpotQA train 1200-1223 holds one comparison question in 24; dev holds 52 in 300).
+    """
 
     file: Path | None = None
     hub: str | None = None
     split: str | None = None
     offset: int = Field(0, ge=0)
     limit: int | None = Field(None, ge=1)
+    sample: int | None = Field(None, ge=1)
+    sample_seed: int = 0
 
     @field_validator("file", mode="before")
     @classmethod
@@ -76,7 +83,8 @@ class QuestionSource(_Strict):
     def describe(self) -> str:
         name = str(self.file) if self.file else f"hub:{self.hub}:{self.split or 'default'}"
         end = f"{self.offset + self.limit}" if self.limit else "end"
-        return f"{name}[{self.offset}:{end}]"
+        drawn = f" (sample {self.sample}, seed {self.sample_seed})" if self.sample else ""
+        return f"{name}[{self.offset}:{end}]{drawn}"
 
 
 class DataSpec(_Strict):

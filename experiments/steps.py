@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -47,14 +48,16 @@ def content_key(kind: str, identity: dict[str, Any]) -> str:
 def source_identity(source: QuestionSource | None) -> dict[str, Any] | None:
     if source is None:
         return None
-    identity = source.model_dump(mode="json", exclude={"file"})
+    # A slice without a sample keeps the key it had before ``sample`` existed.
+    unset = {"sample", "sample_seed"} if source.sample is None else set()
+    identity = source.model_dump(mode="json", exclude={"file", *unset})
     if source.file is not None:
         identity["sha256"] = file_hash(source.file)
     return identity
 
 
 def load_source(source: QuestionSource | None) -> list[Any]:
-    """The questions of a source slice (file order; ``offset`` then ``limit``)."""
+    """The questions of a source slice (file order; ``offset`` then ``limit``, then the seeded ``sample``)."""
     if source is None:
         return []
     from apexdsp.data.loaders import load_questions
@@ -64,6 +67,12 @@ def load_source(source: QuestionSource | None) -> list[Any]:
     questions = load_questions(name, split=source.split, limit=end)[source.offset:]
     if not questions:
         raise ApexError(f"{source.describe()}: no questions in this slice")
+    if source.sample is not None:
+        if source.sample > len(questions):
+            raise ApexError(f"{source.describe()}: sample {source.sample} is larger than the slice "
+                            f"({len(questions)} questions)")
+        drawn = sorted(random.Random(source.sample_seed).sample(range(len(questions)), source.sample))
+        questions = [questions[i] for i in drawn]
     return questions
 
 

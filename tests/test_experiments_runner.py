@@ -8,12 +8,17 @@ whose optimizer is missing fails clearly, and results computed without MLflow ar
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from apexdsp.errors import ApexError
-from apexdsp.experiments.runner import ExperimentRunner, experiment_lock
+from apexdsp.experiments.runner import ExperimentRunner, experiment_lock, step_lock
 from apexdsp.experiments.spec import load_spec
 from experiment_fixtures import write_tiny_experiment
 
@@ -100,6 +105,47 @@ def test_two_runs_of_one_experiment_cannot_overlap(tmp_path, data_dir):
         with pytest.raises(ApexError, match=r"experiment 'tiny-rag' is already running \(pid \d+"):
             runner_for(spec_path, cache).run()
     assert not any(cache.glob("evaluate-*"))  # nothing was computed by the refused run
+
+
+def test_two_experiments_sharing_a_step_compute_it_once(tmp_path, data_dir):
+    """Two experiments started together (the four specs of a data set share the encoder and index): the second
+    waits on the step's lock, then reuses what the first computed instead of computing it into the same folder."""
+    specs = [write_tiny_experiment(tmp_path / name, data_dir, name=name) for name in ("tiny-rag", "tiny-twin")]
+    cache = tmp_path / "cache"
+    shared = runner_for(specs[0], cache).steps[0]
+    assert shared.key == runner_for(specs[1], cache).steps[0].key  # same questions, index and program
+    command = [str(Path(sys.executable).parent / "apexdsp"), "run", "--no-track", "--cache-dir", str(cache)]
+    logs = [tmp_path / f"{spec.stem}.log" for spec in specs]  # files, not pipes: a full pipe would block a run
+    with step_lock(cache, shared.key, on_wait=lambda holder: None):  # held here until both are waiting
+        runs = [subprocess.Popen([*command, str(spec)], stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                 env={**os.environ, "COLUMNS": "200"}) for spec, log in zip(specs, logs)]
+        deadline = time.monotonic() + 240
+        while not all(_waiting(cache, run) for run in runs):
+            assert time.monotonic() < deadline, "the runs never reached the shared step"
+            assert all(run.poll() is None for run in runs), [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.5)
+        assert not (cache / shared.key / "result.json").exists()
+    codes = [run.wait(timeout=600) for run in runs]
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], [out[-2000:] for out in outputs]
+    assert all("another experiment is computing this step" in out for out in outputs)
+    assert sum(f"reusing {shared.key}" in out for out in outputs) == 1  # one computed it, the other reused it
+    result = json.loads((cache / shared.key / "result.json").read_text())
+    assert result["attempts"] == 1  # computed once, by one process
+
+
+def _waiting(cache, run) -> bool:
+    """Whether ``run`` is blocked on a step lock: its pid is in the waiters of some lock file."""
+    locks = cache / "locks"
+    return locks.is_dir() and any(_blocked_on(run.pid, path) for path in locks.glob("step-*.lock"))
+
+
+def _blocked_on(pid: int, path) -> bool:
+    """/proc/locks lists the processes waiting for a lock (lines with '->') by pid and inode."""
+    inode = os.stat(path).st_ino
+    with open("/proc/locks") as handle:
+        return any("->" in line and line.split()[5] == str(pid) and line.split()[6].endswith(f":{inode}")
+                   for line in handle)
 
 
 def test_a_stage_whose_optimizer_is_missing_fails_clearly_after_the_steps_before_it(tmp_path, data_dir, monkeypatch):

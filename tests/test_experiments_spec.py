@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from apexdsp.errors import ApexError
-from apexdsp.experiments.spec import load_spec
-from apexdsp.experiments.steps import plan_steps
+from apexdsp.experiments.spec import QuestionSource, load_spec
+from apexdsp.experiments.steps import load_source, plan_steps, source_identity
 from apexdsp.paths import repo_root
 from experiment_fixtures import write_tiny_experiment
 
@@ -45,6 +45,33 @@ def test_keys_change_with_the_data_and_only_downstream(tmp_path, data_dir):
     assert before["labeledcompile"] != after["labeledcompile"]
     assert before["labeledevaluate"] != after["labeledevaluate"]
 
+
+
+def test_a_sampled_slice_draws_the_same_questions_in_file_order_and_names_its_draw(data_dir):
+    train = data_dir / "hotpotqa" / "train.jsonl"
+    whole = load_source(QuestionSource(file=train, offset=1200, limit=79))
+    drawn = load_source(QuestionSource(file=train, offset=1200, limit=79, sample=24))
+    assert len(drawn) == 24 and len({q.id for q in drawn}) == 24
+    positions = [[q.id for q in whole].index(q.id) for q in drawn]
+    assert positions == sorted(positions)  # file order kept
+    assert [q.id for q in drawn] == [q.id for q in load_source(QuestionSource(file=train, offset=1200, limit=79,
+                                                                              sample=24))]
+    reseeded = load_source(QuestionSource(file=train, offset=1200, limit=79, sample=24, sample_seed=1))
+    assert [q.id for q in reseeded] != [q.id for q in drawn]
+    # The checked-in HotpotQA validation draw has dev's share of comparison questions (52 of 300), unlike the
+    # first 24 questions of the slice (one).
+    assert sum(q.type == "comparison" for q in whole[:24]) == 1
+    assert sum(q.type == "comparison" for q in drawn) == 4
+    with pytest.raises(ApexError, match=r"train.jsonl\[1200:1279\] \(sample 80, seed 0\): sample 80 is larger "
+                                        r"than the slice \(79 questions\)"):
+        load_source(QuestionSource(file=train, offset=1200, limit=79, sample=80))
+
+
+def test_a_slice_without_a_sample_keeps_its_key_and_a_sample_changes_it(data_dir):
+    train = data_dir / "hotpotqa" / "train.jsonl"
+    plain = source_identity(QuestionSource(file=train, offset=1200, limit=24))
+    assert set(plain) == {"hub", "split", "offset", "limit", "sha256"}  # as before 'sample' existed
+    assert source_identity(QuestionSource(file=train, offset=1200, limit=79, sample=24))["sample"] == 24
 
 
 def test_how_a_trainer_stage_runs_is_not_part_of_its_key(tmp_path, data_dir):
