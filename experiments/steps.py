@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from apexdsp.errors import ApexError
+from apexdsp.experiments.sources import file_hash, load_source, source_identity
 from apexdsp.experiments.spec import ExperimentSpec, QuestionSource
 from apexdsp.experiments.stages import STAGE_KINDS, StageContext, run_stage, stage_labels
 from apexdsp.tracking.run import write_json_atomic
@@ -26,54 +25,10 @@ RESULT_FILE = "result.json"
 STEP_FORMAT = 1  # bump when a step's outputs change meaning: every key changes with it
 
 
-@lru_cache(maxsize=256)
-def _sha256(path: str, mtime_ns: int, size: int) -> str:
-    from apexdsp.data.loaders import file_sha256
-
-    return file_sha256(path)
-
-
-def file_hash(path: str | Path) -> str:
-    """SHA-256 of a file, computed once per process for an unchanged file."""
-    stat = Path(path).stat()
-    return _sha256(str(path), stat.st_mtime_ns, stat.st_size)
-
-
 def content_key(kind: str, identity: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps({"format": STEP_FORMAT, "kind": kind, **identity}, sort_keys=True,
                                        default=str).encode()).hexdigest()
     return f"{kind}-{digest[:16]}"
-
-
-def source_identity(source: QuestionSource | None) -> dict[str, Any] | None:
-    if source is None:
-        return None
-    # A slice without a sample keeps the key it had before ``sample`` existed.
-    unset = {"sample", "sample_seed"} if source.sample is None else set()
-    identity = source.model_dump(mode="json", exclude={"file", *unset})
-    if source.file is not None:
-        identity["sha256"] = file_hash(source.file)
-    return identity
-
-
-def load_source(source: QuestionSource | None) -> list[Any]:
-    """The questions of a source slice (file order; ``offset`` then ``limit``, then the seeded ``sample``)."""
-    if source is None:
-        return []
-    from apexdsp.data.loaders import load_questions
-
-    end = source.offset + source.limit if source.limit else None
-    name = source.file if source.file is not None else source.hub
-    questions = load_questions(name, split=source.split, limit=end)[source.offset:]
-    if not questions:
-        raise ApexError(f"{source.describe()}: no questions in this slice")
-    if source.sample is not None:
-        if source.sample > len(questions):
-            raise ApexError(f"{source.describe()}: sample {source.sample} is larger than the slice "
-                            f"({len(questions)} questions)")
-        drawn = sorted(random.Random(source.sample_seed).sample(range(len(questions)), source.sample))
-        questions = [questions[i] for i in drawn]
-    return questions
 
 
 @dataclass

@@ -8,7 +8,8 @@ import pytest
 
 from apexdsp.errors import ApexError
 from apexdsp.experiments.spec import QuestionSource, load_spec
-from apexdsp.experiments.steps import load_source, plan_steps, source_identity
+from apexdsp.experiments.sources import load_source, source_identity
+from apexdsp.experiments.steps import plan_steps
 from apexdsp.paths import repo_root
 from experiment_fixtures import write_tiny_experiment
 
