@@ -62,6 +62,11 @@ class EvalReport(BaseModel):
     plan_fallback_rate: float | None = None  # share of planner outputs that fell back to one step
     plan_repair_rate: float | None = None  # share of planner outputs that needed any repair
     parse_failures: float = 0.0  # adapter format failures per question
+    # Where the time went, in the last attempt (local LMs only; see BatchStats.time_shares).
+    lm_busy_share: float | None = None
+    lm_prefill_share: float | None = None
+    lm_rows_per_step: float | None = None
+    lm_prefix_reused: float | None = None
     results: list[QuestionResult]
 
     def summary(self) -> dict[str, Any]:
@@ -158,6 +163,9 @@ def evaluate_program(program: dspy.Module, questions: list[Question], *, threads
     """
     from dspy.utils.parallelizer import ParallelExecutor
 
+    from apexdsp.lm.registry import local_engine_stats
+
+    lm_before = local_engine_stats()
     saved = EvalCheckpoint(Path(checkpoint)) if checkpoint is not None else None
     todo = [q for q in questions if saved is None or q.id not in saved.done]
     started = time.perf_counter()
@@ -172,11 +180,13 @@ def evaluate_program(program: dspy.Module, questions: list[Question], *, threads
     executor = ParallelExecutor(num_threads=threads, max_errors=len(todo) + 1,
                                 disable_progress_bar=not progress, provide_traceback=False, timeout=0)
     finished = dict(zip((q.id for q in todo), executor.execute(run_one, todo) if todo else [], strict=True))
-    seconds = time.perf_counter() - started + (saved.previous_seconds if saved else 0.0)
+    attempt_seconds = time.perf_counter() - started
+    seconds = attempt_seconds + (saved.previous_seconds if saved else 0.0)
     # Results keep devset order; a question whose program raised comes back as None and scores as such.
     results = [(saved.done.get(q.id) if saved and q.id in saved.done else finished.get(q.id))
                or score_question(q, None, retrieves) for q in questions]
-    return aggregate(results, seconds, retrieves)
+    time_shares = local_engine_stats().since(lm_before).time_shares(attempt_seconds)
+    return aggregate(results, seconds, retrieves).model_copy(update=time_shares)
 
 
 def answer_em_metric(example: dspy.Example, prediction: Any, trace: Any = None) -> float:

@@ -25,11 +25,15 @@ def test_vanilla_evaluate_prints_figures_and_logs_the_run(data_dir, isolated_mlf
     assert summary["seconds_per_question"] > 0
     assert summary["lm_calls"] == 1.0  # one Predict per question, no cache
     assert summary["tokens"] > 0
+    # Where the time went: the LM worker computed for part of the wall time, four questions shared its steps.
+    assert 0.0 < summary["lm_busy_share"] <= 1.0 and 0.0 < summary["lm_prefill_share"] < 1.0
+    assert summary["lm_rows_per_step"] > 1.0 and 0.0 <= summary["lm_prefix_reused"] < 1.0
 
     run = mlflow.get_run(summary["mlflow_run_id"])
     assert run.data.params["program"] == "vanilla"
     assert run.data.params["questions_sha256"]
     assert run.data.metrics["n"] == 4
+    assert run.data.metrics["lm_busy_share"] == summary["lm_busy_share"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"predictions.json", "trajectories.jsonl"} <= artifacts
     assert Path(summary["results_file"]).parent == isolated_runs  # the test's folder, not the project's

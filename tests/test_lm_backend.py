@@ -112,6 +112,22 @@ def test_concurrent_calls_are_decoded_together(lm, engine):
     assert stats.largest_batch > 1, stats.as_dict()
 
 
+def test_batch_stats_of_a_span_of_work_and_where_its_time_went():
+    from collections import Counter
+
+    from apexdsp.lm.batching import BatchStats
+
+    before = BatchStats(2, 100, 40, 10, 1.0, 2.0, Counter({1: 10}), Counter({1: 2}))
+    after = BatchStats(6, 500, 240, 50, 2.0, 5.0, Counter({1: 10, 4: 10}), Counter({1: 2, 4: 1}))
+    span = after.since(before)
+    assert (span.requests, span.prompt_tokens, span.completion_tokens) == (4, 400, 40)
+    assert span.step_sizes == Counter({4: 10})
+    shares = span.time_shares(wall_seconds=8.0)
+    assert shares == {"lm_busy_share": 0.5, "lm_prefill_share": 0.25, "lm_rows_per_step": 4.0,
+                      "lm_prefix_reused": 0.5}
+    assert BatchStats().time_shares(8.0) == {}  # no local LM did any work (a remote LM, or a cached run)
+
+
 def test_float32_greedy_answers_do_not_depend_on_the_batch():
     """Padding a prompt into a batch with others of other lengths changes no float32 greedy answer."""
     exact = get_lm("smollm2-135m", cache=False, engine_config=EngineConfig(dtype="float32"))

@@ -67,6 +67,38 @@ class BatchStats:
     def largest_batch(self) -> int:
         return max(self.step_sizes, default=0)
 
+    def since(self, earlier: BatchStats) -> BatchStats:
+        """The work done between ``earlier`` (a copy taken before) and these counters."""
+        return BatchStats(self.requests - earlier.requests, self.prompt_tokens - earlier.prompt_tokens,
+                          self.prefix_tokens_reused - earlier.prefix_tokens_reused,
+                          self.completion_tokens - earlier.completion_tokens,
+                          self.prefill_seconds - earlier.prefill_seconds, self.decode_seconds - earlier.decode_seconds,
+                          self.step_sizes - earlier.step_sizes, self.prefill_sizes - earlier.prefill_sizes)
+
+    def __add__(self, other: BatchStats) -> BatchStats:
+        return BatchStats(self.requests + other.requests, self.prompt_tokens + other.prompt_tokens,
+                          self.prefix_tokens_reused + other.prefix_tokens_reused,
+                          self.completion_tokens + other.completion_tokens,
+                          self.prefill_seconds + other.prefill_seconds, self.decode_seconds + other.decode_seconds,
+                          self.step_sizes + other.step_sizes, self.prefill_sizes + other.prefill_sizes)
+
+    def time_shares(self, wall_seconds: float) -> dict[str, float]:
+        """Where an evaluation's time went, as shares that hold for any length of run.
+
+        ``lm_busy_share``: of the wall time, the part the LM worker computed (the rest is retrieval, Python,
+        and the worker waiting for requests); ``lm_prefill_share``: of the LM's time, the part spent reading
+        prompts; ``lm_rows_per_step``: mean rows per decoding step (what batching bought);
+        ``lm_prefix_reused``: prompt tokens whose states came from the shared-prefix cache.
+        """
+        if not self.requests or wall_seconds <= 0:
+            return {}
+        steps = sum(self.step_sizes.values())
+        rows = sum(size * count for size, count in self.step_sizes.items())
+        return {"lm_busy_share": min(1.0, self.busy_seconds / wall_seconds),
+                "lm_prefill_share": self.prefill_seconds / self.busy_seconds if self.busy_seconds else 0.0,
+                "lm_rows_per_step": rows / steps if steps else 0.0,
+                "lm_prefix_reused": self.prefix_tokens_reused / self.prompt_tokens if self.prompt_tokens else 0.0}
+
     def as_dict(self) -> dict:
         steps = sum(self.step_sizes.values())
         rows = sum(size * count for size, count in self.step_sizes.items())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from apexdsp.errors import ModelNotAvailable
+from apexdsp.lm.batching import BatchStats
 from apexdsp.lm.engine import AsyncLocalEngine, EngineConfig, LocalEngine
 from apexdsp.lm.gguf_models import GGUF_MODELS, ensure_converted, locate_gguf
 
@@ -74,6 +75,16 @@ def local_engine(name: str, config: EngineConfig | None = None) -> LocalEngine:
         if engine is None:
             engine = _engines[(source, config)] = LocalEngine(source, folder, config)
         return engine
+
+
+def local_engine_stats() -> BatchStats:
+    """The counters of every local engine loaded in this process, summed (zero when none is)."""
+    with _engines_lock:
+        engines = list(_engines.values())
+    total = BatchStats()
+    for engine in engines:
+        total = total + engine.stats()
+    return total
 
 
 def resolve_local(name: str) -> Path:
