@@ -40,6 +40,8 @@ class StageContext:
 
 StageFunction = Callable[[Any, dict[str, Any], StageContext], Any]
 
+BOOTSTRAP_CHECKPOINT = "bootstrap.checkpoint.json"  # in the compile step's folder: an interrupted run resumes
+
 
 # Trainer settings that change how a stage runs, not what it computes (checkpointing, logging, threads,
 # micro-batches that accumulate to the same step).
@@ -138,7 +140,7 @@ def _bootstrap(program: Any, settings: dict[str, Any], context: StageContext) ->
     # The teacher's pass over the trainset and each candidate's over the valset are kept as they finish:
     # an interrupted step resumes from them instead of starting over.
     optimizer = optimizer_class(config, retriever=context.retriever,
-                                checkpoint=context.work_dir / "bootstrap.checkpoint.json")
+                                checkpoint=context.work_dir / BOOTSTRAP_CHECKPOINT)
     compiled = optimizer.compile(program, trainset=context.trainset, valset=context.valset or None)
     report = optimizer.report
     if report is not None:
@@ -275,15 +277,9 @@ def _sft_stage(program: Any, settings: dict[str, Any], context: StageContext) ->
 
 def _bootstrap_progress(work_dir: Path) -> str | None:
     """How far an interrupted bootstrap got, from its checkpoint."""
-    import json
+    from apexdsp.optimizers.checkpoint import CompileCheckpoint
 
-    try:
-        state = json.loads((work_dir / "bootstrap.checkpoint.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if state.get("bootstrap") is None:
-        return f"teacher pass: {len(state.get('teacher') or {})} training questions judged"
-    return f"teacher pass done, {len(state.get('candidates') or {})} candidates scored"
+    return CompileCheckpoint.describe(work_dir / BOOTSTRAP_CHECKPOINT)
 
 
 def _trainer_progress(work_dir: Path) -> str | None:

@@ -111,5 +111,19 @@ class CompileCheckpoint:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
+    @staticmethod
+    def describe(path: str | Path) -> str | None:
+        """How far the compile saved in ``path`` got, for a progress line (None when nothing is saved).
+
+        Read without the fingerprint: it reports what is on disk, whichever compile wrote it.
+        """
+        try:
+            state = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+        if state.get("bootstrap") is None:
+            return f"teacher pass: {len(state.get('teacher') or {})} training questions judged"
+        return f"teacher pass done, {len(state.get('candidates') or {})} candidates scored"
+
 
 __all__ = ["CompileCheckpoint", "fingerprint"]
