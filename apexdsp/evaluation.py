@@ -67,6 +67,7 @@ class EvalReport(BaseModel):
     lm_prefill_share: float | None = None
     lm_rows_per_step: float | None = None
     lm_prefix_reused: float | None = None
+    lm_capped_share: float | None = None
     results: list[QuestionResult]
 
     def summary(self) -> dict[str, Any]:

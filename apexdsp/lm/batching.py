@@ -13,13 +13,14 @@ steps (continuous batching) instead of making them wait for the whole batch to d
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from apexdsp.lm.generation import Completion, DecodeBatch, Row, SamplingParams
@@ -58,6 +59,7 @@ class BatchStats:
     decode_seconds: float = 0.0
     step_sizes: Counter = field(default_factory=Counter)
     prefill_sizes: Counter = field(default_factory=Counter)
+    capped_tokens: int = 0  # completion tokens of replies cut at their max_tokens (or the context's end)
 
     @property
     def busy_seconds(self) -> float:
@@ -69,18 +71,10 @@ class BatchStats:
 
     def since(self, earlier: BatchStats) -> BatchStats:
         """The work done between ``earlier`` (a copy taken before) and these counters."""
-        return BatchStats(self.requests - earlier.requests, self.prompt_tokens - earlier.prompt_tokens,
-                          self.prefix_tokens_reused - earlier.prefix_tokens_reused,
-                          self.completion_tokens - earlier.completion_tokens,
-                          self.prefill_seconds - earlier.prefill_seconds, self.decode_seconds - earlier.decode_seconds,
-                          self.step_sizes - earlier.step_sizes, self.prefill_sizes - earlier.prefill_sizes)
+        return BatchStats(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
 
     def __add__(self, other: BatchStats) -> BatchStats:
-        return BatchStats(self.requests + other.requests, self.prompt_tokens + other.prompt_tokens,
-                          self.prefix_tokens_reused + other.prefix_tokens_reused,
-                          self.completion_tokens + other.completion_tokens,
-                          self.prefill_seconds + other.prefill_seconds, self.decode_seconds + other.decode_seconds,
-                          self.step_sizes + other.step_sizes, self.prefill_sizes + other.prefill_sizes)
+        return BatchStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def time_shares(self, wall_seconds: float) -> dict[str, float]:
         """Where an evaluation's time went, as shares that hold for any length of run.
@@ -88,13 +82,16 @@ class BatchStats:
         ``lm_busy_share``: of the wall time, the part the LM worker computed (the rest is retrieval, Python,
         and the worker waiting for requests); ``lm_prefill_share``: of the LM's time, the part spent reading
         prompts; ``lm_rows_per_step``: mean rows per decoding step (what batching bought);
-        ``lm_prefix_reused``: prompt tokens whose states came from the shared-prefix cache.
+        ``lm_prefix_reused``: prompt tokens whose states came from the shared-prefix cache;
+        ``lm_capped_share``: completion tokens spent in replies that ran to their token cap (a small model
+        that loops until the cap costs decoding steps for nothing).
         """
         if not self.requests or wall_seconds <= 0:
             return {}
         steps = sum(self.step_sizes.values())
         rows = sum(size * count for size, count in self.step_sizes.items())
         return {"lm_busy_share": min(1.0, self.busy_seconds / wall_seconds),
+                "lm_capped_share": self.capped_tokens / self.completion_tokens if self.completion_tokens else 0.0,
                 "lm_prefill_share": self.prefill_seconds / self.busy_seconds if self.busy_seconds else 0.0,
                 "lm_rows_per_step": rows / steps if steps else 0.0,
                 "lm_prefix_reused": self.prefix_tokens_reused / self.prompt_tokens if self.prompt_tokens else 0.0}
@@ -107,6 +104,7 @@ class BatchStats:
             "prompt_tokens": self.prompt_tokens,
             "prefix_tokens_reused": self.prefix_tokens_reused,
             "completion_tokens": self.completion_tokens,
+            "capped_tokens": self.capped_tokens,
             "prefill_seconds": round(self.prefill_seconds, 3),
             "decode_seconds": round(self.decode_seconds, 3),
             "decode_steps": steps,
@@ -159,8 +157,7 @@ class BatchScheduler:
         """A copy of the counters (safe to read while the worker runs)."""
         with self._lock:
             s = self._stats
-            return BatchStats(s.requests, s.prompt_tokens, s.prefix_tokens_reused, s.completion_tokens,
-                              s.prefill_seconds, s.decode_seconds, Counter(s.step_sizes), Counter(s.prefill_sizes))
+            return BatchStats(**{f.name: copy.copy(getattr(s, f.name)) for f in fields(s)})
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -244,6 +241,8 @@ class BatchScheduler:
                     stats.requests += 1
                     stats.prompt_tokens += len(row.prompt_ids)
                     stats.completion_tokens += len(row.generated)
+                    if row.finish_reason == "length":
+                        stats.capped_tokens += len(row.generated)
             for row in finished:
                 row.ticket.set_result(row.completion())
 
