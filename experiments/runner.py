@@ -283,7 +283,7 @@ class ExperimentRunner:
         with StepClock(work_dir) as clock:  # active seconds over every attempt, kept in the step's folder
             output = step.run(self.context, work_dir)
         seconds = clock.total
-        metrics = {**output.metrics, **({step.seconds_metric: seconds} if step.seconds_metric else {})}
+        metrics = step.with_active_seconds(output.metrics, seconds)
         result = {"kind": step.kind, "label": step.label, "key": step.key, "spec": self.spec.name,
                   "seconds": seconds, "attempts": clock.attempts, "paused_seconds": clock.paused,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

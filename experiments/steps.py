@@ -55,6 +55,10 @@ class Step:
     def identity(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def with_active_seconds(self, metrics: dict[str, float], seconds: float) -> dict[str, float]:
+        """The step's figures with its active seconds (StepClock: every attempt, pauses left out) put in."""
+        return {**metrics, self.seconds_metric: seconds} if self.seconds_metric else metrics
+
     @property
     def key(self) -> str:
         if self._key is None:
@@ -304,6 +308,12 @@ class EvaluateStep(Step):
         spec = self.spec
         return {"program": spec.program.model_dump(mode="json"), "lm": spec.lm.model_dump(mode="json"),
                 "index": self.searched, "test": source_identity(spec.data.test)}
+
+    def with_active_seconds(self, metrics: dict[str, float], seconds: float) -> dict[str, float]:
+        """An evaluation's ``seconds`` (and per question) are the step's active time: the report's own
+        wall clock (kept in report.json) counts the hours a paused process waited."""
+        n = metrics.get("n") or 0
+        return {**metrics, "seconds": seconds, "seconds_per_question": seconds / n if n else 0.0}
 
     def progress(self, work_dir: Path) -> str | None:
         path = work_dir / "progress.jsonl"  # one line per question answered (evaluate_program's checkpoint)

@@ -92,6 +92,10 @@ def test_a_failed_step_resumes_without_redoing_finished_ones(tmp_path, data_dir,
     assert calls == ["uncompiled", "labeled", "labeled"]
     attempts = [json.loads((cache / s.key / "result.json").read_text())["attempts"] for s in summary.steps]
     assert attempts == [1, 1, 2]  # the step's seconds count the interrupted attempt too (StepClock)
+    resumed = json.loads((cache / summary.steps[2].key / "result.json").read_text())
+    # An evaluation's seconds are the step's active time over both attempts, not the report's wall clock.
+    assert resumed["metrics"]["seconds"] == resumed["seconds"] > 0
+    assert resumed["metrics"]["seconds_per_question"] == resumed["seconds"] / resumed["metrics"]["n"]
     assert summary.parent_run_id == parent_runs[0].info.run_id  # the same parent run, now finished
     assert mlflow.get_run(summary.parent_run_id).info.status == "FINISHED"
     statuses = sorted(r.info.status for r in evaluation_runs("tiny"))
