@@ -211,11 +211,12 @@ def test_decomposition_and_compile_time_reach_the_evaluation_rows(tmp_path, data
     from apexdsp.cli.app import main
 
     capsys.readouterr()
-    assert main(["compare", "--experiment", "tiny-plans", "--metric", "em,f1,hit,decomposition,compile_seconds",
-                 "--no-plots"]) == 0
+    assert main(["compare", "--experiment", "tiny-plans", "--metric",
+                 "em,f1,hit,decomposition,compile_seconds,lm_busy_share", "--no-plots"]) == 0
     printed = capsys.readouterr().out  # a pipe: every header whole, not cut to 80 columns
-    assert "decomposition" in printed and "compile_seconds" in printed
+    assert "decomposition" in printed and "compile_seconds" in printed and "lm_busy_share" in printed
     assert f"{labeled.metrics['compile_seconds']:.3f}" in printed
+    assert f"{uncompiled.metrics['lm_busy_share']:.3f}" in printed  # where the evaluation's time went
 
 
 GRPO_STAGE = """after = ["labeled+grpo"]

@@ -18,7 +18,8 @@ from apexdsp.errors import ApexError
 # metric headers short ("compile_seco…").
 console = wide_console()
 METRICS = ("em", "f1", "hit", "recall", "decomposition", "plan_fallback_rate", "compile_seconds", "lm_calls", "tokens",
-           "seconds_per_question")
+           "seconds_per_question", "lm_busy_share", "lm_prefill_share", "lm_rows_per_step", "lm_prefix_reused",
+           "lm_capped_share")
 
 
 def register(app: typer.Typer) -> None:
