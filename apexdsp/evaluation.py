@@ -68,6 +68,7 @@ class EvalReport(BaseModel):
     lm_rows_per_step: float | None = None
     lm_prefix_reused: float | None = None
     lm_capped_share: float | None = None
+    lm_kv_padding: float | None = None
     results: list[QuestionResult]
 
     def summary(self) -> dict[str, Any]:

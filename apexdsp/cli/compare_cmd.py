@@ -19,7 +19,7 @@ from apexdsp.errors import ApexError
 console = wide_console()
 METRICS = ("em", "f1", "hit", "recall", "decomposition", "plan_fallback_rate", "compile_seconds", "lm_calls", "tokens",
            "seconds_per_question", "lm_busy_share", "lm_prefill_share", "lm_rows_per_step", "lm_prefix_reused",
-           "lm_capped_share")
+           "lm_capped_share", "lm_kv_padding")
 
 
 def register(app: typer.Typer) -> None:

@@ -96,7 +96,7 @@ def evaluate(
     table = Table(title=f"{program} on {questions} ({report.n} questions)")
     for key in ("em", "f1", "hit", "recall", "lm_calls", "tokens", "seconds_per_question", "failures",
                 "parse_failures", "plan_fallback_rate", "plan_repair_rate", "lm_busy_share", "lm_prefill_share",
-                "lm_rows_per_step", "lm_prefix_reused", "lm_capped_share"):
+                "lm_rows_per_step", "lm_prefix_reused", "lm_capped_share", "lm_kv_padding"):
         value = summary.get(key)
         if value is not None:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))

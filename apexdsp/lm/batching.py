@@ -60,6 +60,8 @@ class BatchStats:
     step_sizes: Counter = field(default_factory=Counter)
     prefill_sizes: Counter = field(default_factory=Counter)
     capped_tokens: int = 0  # completion tokens of replies cut at their max_tokens (or the context's end)
+    cache_cells: int = 0  # rows x KV-cache columns the decoding steps attended over ...
+    padding_cells: int = 0  # ... of which padding
 
     @property
     def busy_seconds(self) -> float:
@@ -84,7 +86,8 @@ class BatchStats:
         prompts; ``lm_rows_per_step``: mean rows per decoding step (what batching bought);
         ``lm_prefix_reused``: prompt tokens whose states came from the shared-prefix cache;
         ``lm_capped_share``: completion tokens spent in replies that ran to their token cap (a small model
-        that loops until the cap costs decoding steps for nothing).
+        that loops until the cap costs decoding steps for nothing); ``lm_kv_padding``: of the KV-cache
+        cells the decoding steps attended over, the share that was padding (rows padded to the longest).
         """
         if not self.requests or wall_seconds <= 0:
             return {}
@@ -94,7 +97,8 @@ class BatchStats:
                 "lm_capped_share": self.capped_tokens / self.completion_tokens if self.completion_tokens else 0.0,
                 "lm_prefill_share": self.prefill_seconds / self.busy_seconds if self.busy_seconds else 0.0,
                 "lm_rows_per_step": rows / steps if steps else 0.0,
-                "lm_prefix_reused": self.prefix_tokens_reused / self.prompt_tokens if self.prompt_tokens else 0.0}
+                "lm_prefix_reused": self.prefix_tokens_reused / self.prompt_tokens if self.prompt_tokens else 0.0,
+                "lm_kv_padding": self.padding_cells / self.cache_cells if self.cache_cells else 0.0}
 
     def as_dict(self) -> dict:
         steps = sum(self.step_sizes.values())
@@ -105,6 +109,8 @@ class BatchStats:
             "prefix_tokens_reused": self.prefix_tokens_reused,
             "completion_tokens": self.completion_tokens,
             "capped_tokens": self.capped_tokens,
+            "cache_cells": self.cache_cells,
+            "padding_cells": self.padding_cells,
             "prefill_seconds": round(self.prefill_seconds, 3),
             "decode_seconds": round(self.decode_seconds, 3),
             "decode_steps": steps,
@@ -216,6 +222,7 @@ class BatchScheduler:
             if not incoming and not len(batch):
                 continue
             started, reused = time.perf_counter(), batch.prefix_tokens_reused
+            cells, padding = batch.cache_cells, batch.padding_cells
             try:
                 finished = batch.add(incoming) if incoming else []
                 prefilled = time.perf_counter()
@@ -233,6 +240,8 @@ class BatchScheduler:
                 stats.prefill_seconds += prefilled - started
                 stats.decode_seconds += time.perf_counter() - prefilled
                 stats.prefix_tokens_reused += batch.prefix_tokens_reused - reused
+                stats.cache_cells += batch.cache_cells - cells
+                stats.padding_cells += batch.padding_cells - padding
                 if incoming:
                     stats.prefill_sizes[len(incoming)] += 1
                 if steps_before:

@@ -96,6 +96,8 @@ class DecodeBatch:
         self.prefix_cache_size = prefix_cache_size
         self.prefixes: OrderedDict[tuple[int, ...], PrefixStates] = OrderedDict()
         self.prefix_tokens_reused = 0
+        self.cache_cells = 0  # over decoding steps: rows x cache columns the attention read ...
+        self.padding_cells = 0  # ... of which padding (rows are padded to the longest)
         self._reset()
 
     def _reset(self) -> None:
@@ -173,6 +175,8 @@ class DecodeBatch:
         assert self.cache is not None and self.mask is not None and self.pending is not None
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
+        self.cache_cells += self.mask.numel()
+        self.padding_cells += self.mask.numel() - int(self.mask.sum())
         out = self.model(input_ids=self.pending, attention_mask=self.mask,
                          position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
         self.positions = self.positions + 1
