@@ -66,47 +66,41 @@ def default_cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def experiment_lock(cache_root: Path, name: str) -> Iterator[Path]:
-    """Hold ``<cache>/locks/<name>.lock`` (``flock``: released by the kernel if the process dies)."""
-    path = cache_root / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ApexError(f"experiment {name!r} is already running ({holder}; lock file {path}); "
-                            "wait for it to finish") from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
-        handle.flush()
-        yield path
-    finally:
-        handle.close()
-
-
-@contextlib.contextmanager
-def step_lock(cache_root: Path, key: str, on_wait: Callable[[str], None]) -> Iterator[None]:
-    """Hold ``<cache>/locks/step-<key>.lock`` while a step is computed, waiting if another process holds it.
-
-    Experiments share steps (the four specs of a data set train one encoder and build one index); two of
-    them started together would otherwise both compute the shared step into the same folder.
-    """
-    path = cache_root / "locks" / f"step-{key}.lock"
+def _flock(path: Path, on_busy: Callable[[str], None]) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``path`` (released by the kernel if the process dies), noting the holder
+    in the file; when another process holds it, ``on_busy(holder)`` runs first (raise to give up)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            on_wait(handle.read().strip() or "another process")
+            on_busy(handle.read().strip() or "another process")
             fcntl.flock(handle, fcntl.LOCK_EX)
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
         handle.flush()
-        yield
+        yield path
+
+
+def experiment_lock(cache_root: Path, name: str) -> contextlib.AbstractContextManager[Path]:
+    """Hold ``<cache>/locks/<name>.lock``; a second run of the same experiment fails at once."""
+    path = cache_root / "locks" / f"{name}.lock"
+
+    def refuse(holder: str) -> None:
+        raise ApexError(f"experiment {name!r} is already running ({holder}; lock file {path}); "
+                        "wait for it to finish")
+
+    return _flock(path, refuse)
+
+
+def step_lock(cache_root: Path, key: str, on_wait: Callable[[str], None]) -> contextlib.AbstractContextManager[Path]:
+    """Hold ``<cache>/locks/step-<key>.lock`` while a step is computed, waiting if another process holds it.
+
+    Experiments share steps (the four specs of a data set train one encoder and build one index); two of
+    them started together would otherwise both compute the shared step into the same folder.
+    """
+    return _flock(cache_root / "locks" / f"step-{key}.lock", on_wait)
 
 
 class Ledger:

@@ -13,13 +13,13 @@ from rich.table import Table
 
 from apexdsp.cli.consoles import wide_console
 from apexdsp.errors import ApexError
+from apexdsp.lm import TIME_SHARES
 
 # A pipe or a log file has no width: print the whole table there instead of rich's 80 columns, which cut the
 # metric headers short ("compile_seco…").
 console = wide_console()
 METRICS = ("em", "f1", "hit", "recall", "decomposition", "plan_fallback_rate", "compile_seconds", "lm_calls", "tokens",
-           "seconds_per_question", "lm_busy_share", "lm_prefill_share", "lm_rows_per_step", "lm_prefix_reused",
-           "lm_capped_share", "lm_kv_padding")
+           "seconds_per_question", *TIME_SHARES)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from apexdsp.errors import ApexError
+from apexdsp.lm import TIME_SHARES
 
 console = Console()
 
@@ -95,8 +96,7 @@ def evaluate(
         return
     table = Table(title=f"{program} on {questions} ({report.n} questions)")
     for key in ("em", "f1", "hit", "recall", "lm_calls", "tokens", "seconds_per_question", "failures",
-                "parse_failures", "plan_fallback_rate", "plan_repair_rate", "lm_busy_share", "lm_prefill_share",
-                "lm_rows_per_step", "lm_prefix_reused", "lm_capped_share", "lm_kv_padding"):
+                "parse_failures", "plan_fallback_rate", "plan_repair_rate", *TIME_SHARES):
         value = summary.get(key)
         if value is not None:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))

@@ -71,6 +71,11 @@ class BatchStats:
     def largest_batch(self) -> int:
         return max(self.step_sizes, default=0)
 
+    @property
+    def rows_per_step(self) -> float:
+        steps = sum(self.step_sizes.values())
+        return sum(size * count for size, count in self.step_sizes.items()) / steps if steps else 0.0
+
     def since(self, earlier: BatchStats) -> BatchStats:
         """The work done between ``earlier`` (a copy taken before) and these counters."""
         return BatchStats(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
@@ -91,18 +96,14 @@ class BatchStats:
         """
         if not self.requests or wall_seconds <= 0:
             return {}
-        steps = sum(self.step_sizes.values())
-        rows = sum(size * count for size, count in self.step_sizes.items())
         return {"lm_busy_share": min(1.0, self.busy_seconds / wall_seconds),
                 "lm_capped_share": self.capped_tokens / self.completion_tokens if self.completion_tokens else 0.0,
                 "lm_prefill_share": self.prefill_seconds / self.busy_seconds if self.busy_seconds else 0.0,
-                "lm_rows_per_step": rows / steps if steps else 0.0,
+                "lm_rows_per_step": self.rows_per_step,
                 "lm_prefix_reused": self.prefix_tokens_reused / self.prompt_tokens if self.prompt_tokens else 0.0,
                 "lm_kv_padding": self.padding_cells / self.cache_cells if self.cache_cells else 0.0}
 
     def as_dict(self) -> dict:
-        steps = sum(self.step_sizes.values())
-        rows = sum(size * count for size, count in self.step_sizes.items())
         return {
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
@@ -113,8 +114,8 @@ class BatchStats:
             "padding_cells": self.padding_cells,
             "prefill_seconds": round(self.prefill_seconds, 3),
             "decode_seconds": round(self.decode_seconds, 3),
-            "decode_steps": steps,
-            "mean_rows_per_step": round(rows / steps, 2) if steps else 0.0,
+            "decode_steps": sum(self.step_sizes.values()),
+            "mean_rows_per_step": round(self.rows_per_step, 2),
             "largest_batch": self.largest_batch,
             "step_sizes": dict(sorted(self.step_sizes.items())),
             "prefill_sizes": dict(sorted(self.prefill_sizes.items())),
