@@ -7,6 +7,13 @@ the step in float32; and torch's CPU flash-attention kernel, tuned for long quer
 call on a one-token query in bfloat16, 45 % of the step. For a one-token query the attention is two small
 batched matrix products: grouping the query heads by their KV head needs no copy at all. Longer queries
 (the prefill) and unpadded batches (no mask: SDPA then groups the heads itself) keep transformers' path.
+
+The scores are computed as ``keys @ queries^T`` and then transposed (a view), not as ``queries @ keys^T``.
+torch's bfloat16 batched product copies an operand that is not laid out as plain matrices; the keys are
+views of the in-place cache buffer (:mod:`apexdsp.lm.kv_cache`), and their transpose was copied whole, in
+every layer of every decoding step: 29 % of a 16-row step over 560 cached columns (torch profiler,
+session 13). Multiplied the other way round the keys are read as they lie, and the attention of that
+step takes 1.0-1.4 ms a layer instead of 2.3-3.0 (benchmarks/lm_batch_scaling.py has the whole-engine figure).
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     kv_heads = key.shape[1]
     # repeat_kv semantics: KV head j serves query heads j*group .. j*group + group - 1.
     grouped = query.view(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (scaling if scaling is not None else dim**-0.5)
+    # [batch, kv_heads, keys, group] -> [batch, kv_heads, group, keys]: keys read in place (see above)
+    scores = torch.matmul(key, grouped.transpose(-1, -2)).transpose(-1, -2)
+    scores = scores * (scaling if scaling is not None else dim**-0.5)
     if attention_mask is not None:  # [batch, 1, 1, keys]: bool (True = attend) or additive float
         mask = attention_mask[:, :, :, : key.shape[-2]]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
