@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                        help="bf16: float32 weights, forward and backward under bfloat16 autocast")
     parser.add_argument("--out", type=Path, default=Path(".apexdsp/bench/grpo_step.json"))
     args = parser.parse_args(argv)
 
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     questions = read_questions(shared_data_dir() / "hotpotqa" / "train.jsonl")[: args.questions]
     config = ModuleGRPOConfig(prompts_per_step=args.prompts, num_generations=args.generations,
                               max_completion_length=args.tokens, max_steps=args.steps, save_steps=10_000,
-                              beta=args.beta, num_threads=args.threads, resume=False)
+                              beta=args.beta, num_threads=args.threads, resume=False,
+                              mixed_precision=args.mixed_precision)
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as out:
         optimizer = ModuleGRPO(out, config, retriever=retriever)
         started = time.perf_counter()
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                "num_generations": args.generations, "max_completion_length": args.tokens, "steps": result.steps,
                "total_seconds": total, "train_seconds": result.seconds, "timing_per_step": result.timing,
                "reward_first": result.reward_first, "reward_last": result.reward_last, "zero_std": result.zero_std,
-               "threads": args.threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+               "threads": args.threads, "mixed_precision": args.mixed_precision,
+               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     write_json_atomic(figures, args.out)
     for key, value in figures.items():
         print(f"{key}: {value}")

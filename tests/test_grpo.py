@@ -194,6 +194,19 @@ def test_grpo_trains_the_module_and_logs_to_mlflow(tiny_lm, tiny_model_dir, ques
     assert run.data.params["module"] == "planner.write_plan"
 
 
+def test_bf16_mixed_precision_trains_float32_weights(tiny_lm, questions, tmp_path):
+    config = tiny_config(mixed_precision="bf16")
+    assert config.to_trl(tmp_path / "trl").bf16  # TRL's autocast switch, with the model left in float32
+    optimizer = ModuleGRPO(tmp_path / "out", config)
+    optimizer.compile(PlanOnly(), trainset=questions, module="planner", reward="decomposition")
+
+    weights = load_file(optimizer.result.weights / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    assert optimizer.result.steps == 2
+    with pytest.raises(ApexError, match="mixed_precision"):
+        ModuleGRPOConfig(mixed_precision="fp16")
+
+
 def test_interrupted_run_resumes_from_its_checkpoint(tiny_lm, questions, tmp_path):
     calls = {"n": 0}
 
