@@ -92,9 +92,9 @@ def run_colbert_indexer(texts: list[str], encoder: Path, index_path: Path, nbits
     ``partitions`` overrides colbert's number of k-means centroids (``2**floor(log2(16 * sqrt(embeddings)))``,
     16,384 for HotpotQA's 1.5M token embeddings, whose k-means alone takes ten minutes on two cores).
     """
-    from apexdsp.paths import configure_environment
+    from apexdsp.indexes.extensions import load_extensions
 
-    configure_environment()
+    load_extensions()  # under a lock that a killed process cannot leave behind (see extensions.py)
     from colbert import Indexer
     from colbert.infra import Run, RunConfig
     from colbert.infra.launcher import Launcher

@@ -61,9 +61,9 @@ class ColBERTRetriever(CorpusRetriever):
             raise ApexError(f"index {index_dir}: passage table has {len(self.corpus)} passages, manifest says "
                             f"{self.manifest.passages}: rebuild it")
 
-        from apexdsp.paths import configure_environment
+        from apexdsp.indexes.extensions import load_extensions
 
-        configure_environment()
+        load_extensions()  # under a lock that a killed process cannot leave behind (see extensions.py)
         from colbert import Searcher
         from colbert.infra import Run, RunConfig
 

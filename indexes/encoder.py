@@ -100,9 +100,9 @@ def encoder_fingerprint(path: str | os.PathLike[str]) -> str:
 
 def load_checkpoint(path: str | os.PathLike[str], verbose: int = 0):
     """colbert's inference ``Checkpoint`` for a trained encoder folder (CPU)."""
-    from apexdsp.paths import configure_environment
+    from apexdsp.indexes.extensions import load_extensions
 
-    configure_environment()
+    load_extensions()  # under a lock that a killed process cannot leave behind (see extensions.py)
     from colbert.modeling.checkpoint import Checkpoint
 
     folder = check_encoder_dir(path)

@@ -4,14 +4,29 @@ colbert-ai JIT-compiles four small C++ extensions with ninja + g++ the first tim
 scorer or a strided tensor is created on CPU (about 40 s each). Compiling them here, into
 ``TORCH_EXTENSIONS_DIR`` (set by :func:`apexdsp.paths.configure_environment` to the project cache),
 means that ``apexdsp setup warm`` pays that cost once and every later process only loads the ``.so``.
+
+torch serialises builds with a baton: a ``lock`` file in the extension's folder, created by the builder
+and removed when it is done. A builder that is killed (SIGKILL, SIGTERM, a machine that stops) leaves
+the file behind, and every later process waits for it forever without a word (seen in session 13: an
+experiment restarted after a kill sat idle on it). :func:`load_extensions` therefore takes a lock of
+its own first, an ``flock`` that the kernel releases when its holder dies; whoever holds it is the only
+apexdsp process that can be building, so any baton it finds is stale and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from apexdsp.paths import configure_environment
+
+logger = logging.getLogger(__name__)
 
 #: The extensions colbert-ai loads on CPU, by the module name torch gives them.
 EXTENSION_NAMES = (
@@ -35,30 +50,67 @@ def _loaders() -> list[tuple[str, Callable[[], None]]]:
     ]
 
 
-def build_extensions(verbose: bool = True) -> dict[str, float]:
-    """Compile (or load, when already cached) colbert-ai's CPU extensions; returns seconds per step.
+BATON = "lock"  # torch.utils.file_baton.FileBaton's file in each extension's build folder
+BUILD_LOCK = ".apexdsp-build.lock"
 
-    Safe to call again: torch reuses the compiled module when its sources and flags have not changed.
+
+@contextlib.contextmanager
+def extension_build_lock(extensions_dir: str | os.PathLike[str]) -> Iterator[list[Path]]:
+    """Hold the project's build lock on ``extensions_dir``; yields the stale torch batons it removed."""
+    folder = Path(extensions_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / BUILD_LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:
+            stale = sorted(folder.glob(f"*/{BATON}"))
+            for baton in stale:
+                baton.unlink(missing_ok=True)
+            yield stale
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_extensions(verbose: bool = False) -> dict[str, float]:
+    """Load colbert-ai's CPU extensions into this process (compiling what is missing) under the build lock;
+    returns seconds per step.
+
+    colbert marks each loaded extension on its class, so the searcher and indexer created afterwards skip
+    torch's loader, and with it the baton. Safe to call again: torch reuses a compiled module whose sources
+    and flags have not changed.
     """
     configure_environment()
-    import os
+    timings: dict[str, float] = {}
+    with extension_build_lock(os.environ["TORCH_EXTENSIONS_DIR"]) as stale:
+        if stale:
+            logger.warning("removed %d stale torch extension lock(s) left by a killed build: %s", len(stale),
+                           ", ".join(baton.parent.name for baton in stale))
+        # colbert announces each load with a print: to stderr, so that a command's --json stdout stays JSON
+        with contextlib.redirect_stdout(sys.stdout if verbose else sys.stderr):
+            for name, load in _loaders():
+                timings[name] = _timed_load(name, load, verbose)
+    return timings
 
+
+def build_extensions(verbose: bool = True) -> dict[str, float]:
+    """Set-up's entry point: compile (or load) the extensions and say how long each took."""
+    return load_extensions(verbose=verbose)
+
+
+def _timed_load(name: str, load: Callable[[], None], verbose: bool) -> float:
     from apexdsp.errors import ApexError
 
-    timings: dict[str, float] = {}
-    for name, load in _loaders():
-        start = time.perf_counter()
-        try:
-            load()
-        except (RuntimeError, OSError) as error:  # missing compiler or ninja: a set-up problem the user can fix
-            raise ApexError(
-                f"could not compile colbert extension {name} into {os.environ['TORCH_EXTENSIONS_DIR']}: "
-                f"{str(error).splitlines()[0] if str(error) else type(error).__name__} (needs g++ and ninja)"
-            ) from error
-        timings[name] = time.perf_counter() - start
-        if verbose:
-            print(f"[colbert] {name}: ready in {timings[name]:.1f}s")
-    return timings
+    start = time.perf_counter()
+    try:
+        load()
+    except (RuntimeError, OSError) as error:  # missing compiler or ninja: a set-up problem the user can fix
+        raise ApexError(
+            f"could not compile colbert extension {name} into {os.environ['TORCH_EXTENSIONS_DIR']}: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__} (needs g++ and ninja)"
+        ) from error
+    seconds = time.perf_counter() - start
+    if verbose:
+        print(f"[colbert] {name}: ready in {seconds:.1f}s")
+    return seconds
 
 
 if __name__ == "__main__":
