@@ -17,7 +17,6 @@ logged as which child run of which parent run, per tracking store. So:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from apexdsp.errors import ApexError
 from apexdsp.experiments.spec import ExperimentSpec
 from apexdsp.experiments.step_clock import StepClock
 from apexdsp.experiments.steps import RESULT_FILE, RunContext, Step, plan_steps
+from apexdsp.locks import held_lock
 from apexdsp.tracking.run import write_json_atomic
 from apexdsp.tracking.store import TrackingUnavailable, probe_tracking
 
@@ -65,24 +65,6 @@ def default_cache_root() -> Path:
     return cache_dir("experiments")
 
 
-@contextlib.contextmanager
-def _flock(path: Path, on_busy: Callable[[str], None]) -> Iterator[Path]:
-    """Hold an exclusive ``flock`` on ``path`` (released by the kernel if the process dies), noting the holder
-    in the file; when another process holds it, ``on_busy(holder)`` runs first (raise to give up)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            on_busy(handle.read().strip() or "another process")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
-        handle.flush()
-        yield path
-
-
 def experiment_lock(cache_root: Path, name: str) -> contextlib.AbstractContextManager[Path]:
     """Hold ``<cache>/locks/<name>.lock``; a second run of the same experiment fails at once."""
     path = cache_root / "locks" / f"{name}.lock"
@@ -91,7 +73,7 @@ def experiment_lock(cache_root: Path, name: str) -> contextlib.AbstractContextMa
         raise ApexError(f"experiment {name!r} is already running ({holder}; lock file {path}); "
                         "wait for it to finish")
 
-    return _flock(path, refuse)
+    return held_lock(path, refuse)
 
 
 def step_lock(cache_root: Path, key: str, on_wait: Callable[[str], None]) -> contextlib.AbstractContextManager[Path]:
@@ -100,7 +82,7 @@ def step_lock(cache_root: Path, key: str, on_wait: Callable[[str], None]) -> con
     Experiments share steps (the four specs of a data set train one encoder and build one index); two of
     them started together would otherwise both compute the shared step into the same folder.
     """
-    return _flock(cache_root / "locks" / f"step-{key}.lock", on_wait)
+    return held_lock(cache_root / "locks" / f"step-{key}.lock", on_wait)
 
 
 class Ledger:

@@ -16,7 +16,6 @@ apexdsp process that can be building, so any baton it finds is stale and is remo
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from apexdsp.locks import held_lock
 from apexdsp.paths import configure_environment
 
 logger = logging.getLogger(__name__)
@@ -58,16 +58,15 @@ BUILD_LOCK = ".apexdsp-build.lock"
 def extension_build_lock(extensions_dir: str | os.PathLike[str]) -> Iterator[list[Path]]:
     """Hold the project's build lock on ``extensions_dir``; yields the stale torch batons it removed."""
     folder = Path(extensions_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / BUILD_LOCK, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if this process dies
-        try:
-            stale = sorted(folder.glob(f"*/{BATON}"))
-            for baton in stale:
-                baton.unlink(missing_ok=True)
-            yield stale
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def waiting(holder: str) -> None:
+        logger.info("waiting for another process to finish building colbert's extensions (%s)", holder)
+
+    with held_lock(folder / BUILD_LOCK, waiting):
+        stale = sorted(folder.glob(f"*/{BATON}"))
+        for baton in stale:
+            baton.unlink(missing_ok=True)
+        yield stale
 
 
 def load_extensions(verbose: bool = False) -> dict[str, float]:
