@@ -69,6 +69,7 @@ class EvalReport(BaseModel):
     lm_prefix_reused: float | None = None
     lm_capped_share: float | None = None
     lm_kv_padding: float | None = None
+    lm_prefill_padding: float | None = None
     results: list[QuestionResult]
 
     def summary(self) -> dict[str, Any]:

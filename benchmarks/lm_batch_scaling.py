@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="8,16,32,64", help="batch sizes (threads = max_batch_size)")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens decoded per request (EOS banned)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--prefill-padding", default=None,
+                        help="comma-separated EngineConfig.max_prefill_padding values to compare (1 = one pass "
+                             "per prefix group, as before session 14); default: the engine's own")
     parser.add_argument("--out", type=Path, help="also write the JSON result here (atomically)")
     return parser.parse_args(argv)
 
@@ -74,6 +77,7 @@ def measure(lm: dspy.LM, batch: int, examples: list[dspy.Example]) -> dict:
             "decode_tokens_per_second": round(stats.completion_tokens / stats.decode_seconds, 1),
             "prompt_tokens_per_request": stats.prompt_tokens // max(stats.requests, 1),
             "rows_per_step": round(stats.rows_per_step, 1), "prefill_seconds": round(stats.prefill_seconds, 1),
+            "prefill_padding": round(stats.prefill_padding / stats.prefill_slots, 3) if stats.prefill_slots else 0.0,
             "decode_seconds": round(stats.decode_seconds, 1), "load_after": round(os.getloadavg()[0], 2)}
 
 
@@ -81,18 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)  # every completion is cut on purpose
     sizes = [int(size) for size in args.sizes.split(",")]
+    paddings = ([float(p) for p in args.prefill_padding.split(",")] if args.prefill_padding
+                else [EngineConfig().max_prefill_padding])
     lms = {}
-    for size in sizes:  # one engine per size (engines are shared per config): each keeps its own batch limit
-        lm = get_lm(args.lm, cache=False, temperature=0.0, max_tokens=args.max_tokens,
-                    engine_config=EngineConfig(max_batch_size=size))
-        lms[size] = lm.copy(logit_bias={str(token): -100 for token in sorted(lm.engine.eos_ids())})
+    for size in sizes:  # one engine per setting (engines are shared per config): each keeps its own limits
+        for padding in paddings:
+            lm = get_lm(args.lm, cache=False, temperature=0.0, max_tokens=args.max_tokens,
+                        engine_config=EngineConfig(max_batch_size=size, max_prefill_padding=padding))
+            lms[size, padding] = lm.copy(logit_bias={str(token): -100 for token in sorted(lm.engine.eos_ids())})
     rows = []
     with Progress(transient=True) as progress:
-        task = progress.add_task("batch sizes", total=len(sizes) * args.rounds)
+        task = progress.add_task("settings", total=len(lms) * args.rounds)
         for round_index in range(args.rounds):
-            for size in sizes:
-                rows.append({"round": round_index, **measure(lms[size], size,
-                                                             reader_examples(2 * size, 37 * round_index))})
+            for (size, padding), lm in lms.items():
+                examples = reader_examples(2 * size, 37 * round_index)
+                rows.append({"round": round_index, "max_prefill_padding": padding, **measure(lm, size, examples)})
                 progress.console.print(json.dumps(rows[-1]), soft_wrap=True)
                 progress.advance(task)
     result = {"model": args.lm, "max_tokens": args.max_tokens, "passages": PASSAGES, "rows": rows}

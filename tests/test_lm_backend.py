@@ -114,6 +114,8 @@ def test_concurrent_calls_are_decoded_together(lm, engine):
     assert stats.capped_tokens % 8 == 0 and 8 <= stats.capped_tokens <= stats.completion_tokens
     # Four prompts of different lengths share a cache padded to the longest: some attended cells are padding.
     assert 0 < stats.padding_cells < stats.cache_cells
+    # Prefill passes group prompts of similar length: at most 5% of their token slots are padding.
+    assert 0 < stats.prefill_slots and stats.prefill_padding <= 0.05 * stats.prefill_slots
 
 
 def test_batch_stats_of_a_span_of_work_and_where_its_time_went():
@@ -122,15 +124,16 @@ def test_batch_stats_of_a_span_of_work_and_where_its_time_went():
     from apexdsp.lm.batching import BatchStats
 
     before = BatchStats(2, 100, 40, 10, 1.0, 2.0, Counter({1: 10}), Counter({1: 2}), capped_tokens=8,
-                        cache_cells=100, padding_cells=10)
+                        cache_cells=100, padding_cells=10, prefill_slots=200, prefill_padding=20)
     after = BatchStats(6, 500, 240, 50, 2.0, 5.0, Counter({1: 10, 4: 10}), Counter({1: 2, 4: 1}), capped_tokens=18,
-                       cache_cells=500, padding_cells=110)
+                       cache_cells=500, padding_cells=110, prefill_slots=600, prefill_padding=120)
     span = after.since(before)
     assert (span.requests, span.prompt_tokens, span.completion_tokens) == (4, 400, 40)
     assert span.step_sizes == Counter({4: 10})
     shares = span.time_shares(wall_seconds=8.0)
     assert shares == {"lm_busy_share": 0.5, "lm_prefill_share": 0.25, "lm_rows_per_step": 4.0,
-                      "lm_prefix_reused": 0.5, "lm_capped_share": 0.25, "lm_kv_padding": 0.25}
+                      "lm_prefix_reused": 0.5, "lm_capped_share": 0.25, "lm_kv_padding": 0.25,
+                      "lm_prefill_padding": 0.25}
     assert BatchStats().time_shares(8.0) == {}  # no local LM did any work (a remote LM, or a cached run)
 
 

@@ -62,6 +62,8 @@ class BatchStats:
     capped_tokens: int = 0  # completion tokens of replies cut at their max_tokens (or the context's end)
     cache_cells: int = 0  # rows x KV-cache columns the decoding steps attended over ...
     padding_cells: int = 0  # ... of which padding
+    prefill_slots: int = 0  # rows x own-token columns the prefill passes computed ...
+    prefill_padding: int = 0  # ... of which padding
 
     @property
     def busy_seconds(self) -> float:
@@ -92,7 +94,8 @@ class BatchStats:
         ``lm_prefix_reused``: prompt tokens whose states came from the shared-prefix cache;
         ``lm_capped_share``: completion tokens spent in replies that ran to their token cap (a small model
         that loops until the cap costs decoding steps for nothing); ``lm_kv_padding``: of the KV-cache
-        cells the decoding steps attended over, the share that was padding (rows padded to the longest).
+        cells the decoding steps attended over, the share that was padding (rows padded to the longest);
+        ``lm_prefill_padding``: the same for the prefill passes' token slots.
         """
         if not self.requests or wall_seconds <= 0:
             return {}
@@ -101,7 +104,8 @@ class BatchStats:
                 "lm_prefill_share": self.prefill_seconds / self.busy_seconds if self.busy_seconds else 0.0,
                 "lm_rows_per_step": self.rows_per_step,
                 "lm_prefix_reused": self.prefix_tokens_reused / self.prompt_tokens if self.prompt_tokens else 0.0,
-                "lm_kv_padding": self.padding_cells / self.cache_cells if self.cache_cells else 0.0}
+                "lm_kv_padding": self.padding_cells / self.cache_cells if self.cache_cells else 0.0,
+                "lm_prefill_padding": self.prefill_padding / self.prefill_slots if self.prefill_slots else 0.0}
 
     def as_dict(self) -> dict:
         return {
@@ -112,6 +116,8 @@ class BatchStats:
             "capped_tokens": self.capped_tokens,
             "cache_cells": self.cache_cells,
             "padding_cells": self.padding_cells,
+            "prefill_slots": self.prefill_slots,
+            "prefill_padding": self.prefill_padding,
             "prefill_seconds": round(self.prefill_seconds, 3),
             "decode_seconds": round(self.decode_seconds, 3),
             "decode_steps": sum(self.step_sizes.values()),
@@ -224,6 +230,7 @@ class BatchScheduler:
                 continue
             started, reused = time.perf_counter(), batch.prefix_tokens_reused
             cells, padding = batch.cache_cells, batch.padding_cells
+            slots, slot_padding = batch.prefill_slots, batch.prefill_padding
             try:
                 finished = batch.add(incoming) if incoming else []
                 prefilled = time.perf_counter()
@@ -243,6 +250,8 @@ class BatchScheduler:
                 stats.prefix_tokens_reused += batch.prefix_tokens_reused - reused
                 stats.cache_cells += batch.cache_cells - cells
                 stats.padding_cells += batch.padding_cells - padding
+                stats.prefill_slots += batch.prefill_slots - slots
+                stats.prefill_padding += batch.prefill_padding - slot_padding
                 if incoming:
                     stats.prefill_sizes[len(incoming)] += 1
                 if steps_before:

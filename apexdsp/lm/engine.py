@@ -21,7 +21,7 @@ from dspy.lm15 import Message, Request, Response, Usage, UnsupportedFeatureError
 
 from apexdsp.errors import ModelNotAvailable
 from apexdsp.lm.batching import BatchingConfig, BatchScheduler, BatchStats
-from apexdsp.lm.generation import Completion, DecodeBatch, SamplingParams
+from apexdsp.lm.generation import MAX_PREFILL_PADDING, Completion, DecodeBatch, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class EngineConfig:
     default_max_tokens: int = 512  # when neither the LM nor the call sets max_tokens
     default_temperature: float = 0.0  # when neither sets temperature: greedy, reproducible
     prefix_cache_size: int = 8  # shared prompt prefixes (system message + demos) whose KV states are kept
+    max_prefill_padding: float = MAX_PREFILL_PADDING  # share of a prefill pass's token slots padding may take
 
     def batching(self) -> BatchingConfig:
         return BatchingConfig(self.max_batch_size, self.collect_window_s, self.join_running)
@@ -232,7 +233,8 @@ class LocalEngine:
     def _new_batch(self) -> DecodeBatch:
         tokenizer = self.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return DecodeBatch(self.model, tokenizer, self.eos_ids(), pad, self.config.prefix_cache_size)
+        return DecodeBatch(self.model, tokenizer, self.eos_ids(), pad, self.config.prefix_cache_size,
+                           self.config.max_prefill_padding)
 
     def __repr__(self) -> str:
         return f"LocalEngine({self.source!r}, {json.dumps(asdict(self.config))})"

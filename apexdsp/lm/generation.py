@@ -31,6 +31,7 @@ FinishReason = Literal["stop", "length"]
 PrefixStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [1, H, K, D]
 
 MIN_PREFIX_TOKENS = 16  # shorter shared prefixes are not worth a cache entry
+MAX_PREFILL_PADDING = 0.05  # a prefill pass may spend at most this share of its token slots on padding
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class DecodeBatch:
     """The rows decoding together and their shared KV cache. Owned by one thread (not thread-safe)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, eos_ids: set[int], pad_id: int,
-                 prefix_cache_size: int = 8) -> None:
+                 prefix_cache_size: int = 8, max_prefill_padding: float = MAX_PREFILL_PADDING) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -94,10 +95,13 @@ class DecodeBatch:
         self.device = next(model.parameters()).device
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.prefix_cache_size = prefix_cache_size
+        self.max_prefill_padding = max_prefill_padding
         self.prefixes: OrderedDict[tuple[int, ...], PrefixStates] = OrderedDict()
         self.prefix_tokens_reused = 0
         self.cache_cells = 0  # over decoding steps: rows x cache columns the attention read ...
         self.padding_cells = 0  # ... of which padding (rows are padded to the longest)
+        self.prefill_slots = 0  # over prefill passes: rows x own-token columns computed ...
+        self.prefill_padding = 0  # ... of which padding
         self._reset()
 
     def _reset(self) -> None:
@@ -128,7 +132,8 @@ class DecodeBatch:
             groups.setdefault(tuple(row.prompt_ids[: row.prefix_len]) if shared else (), []).append(row)
         finished: list[Row] = []
         for prefix, group in groups.items():
-            finished += self._prefill(group, prefix)
+            for bucket in length_buckets(group, len(prefix), self.max_prefill_padding):
+                finished += self._prefill(bucket, prefix)
         return finished
 
     def _prefill(self, rows: list[Row], prefix: tuple[int, ...]) -> list[Row]:
@@ -141,6 +146,8 @@ class DecodeBatch:
             tail = row.prompt_ids[k:]
             ids[i, width - len(tail):] = torch.tensor(tail)
             own[i, width - len(tail):] = 1
+        self.prefill_slots += own.numel()
+        self.prefill_padding += own.numel() - int(own.sum())
         mask = torch.cat([torch.ones((len(rows), k), dtype=torch.long), own], dim=1).to(self.device)
         positions = (k + own.cumsum(-1) - 1).clamp(min=0).to(self.device)
         cache = buffered_cache()
@@ -268,6 +275,28 @@ class DecodeBatch:
                 draws[j] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
         tokens[sampled] = draws
         return tokens
+
+
+def length_buckets(rows: list[Row], prefix_len: int, max_padding: float = MAX_PREFILL_PADDING) -> list[list[Row]]:
+    """Split rows that share a prefix into prefill passes of similar length.
+
+    Prefill is compute-bound: a row padded to the longest of its pass costs the padding's full share of
+    every matrix product, and rows gain nothing from sharing a pass. Rows are taken longest first, and a
+    pass is closed when adding the next row would make padding more than ``max_padding`` of its slots.
+    """
+    ordered = sorted(rows, key=lambda row: len(row.prompt_ids), reverse=True)
+    buckets: list[list[Row]] = []
+    width = used = 0
+    for row in ordered:
+        own = len(row.prompt_ids) - prefix_len
+        slots = width * (len(buckets[-1]) + 1) if buckets else 0
+        if buckets and slots - (used + own) <= max_padding * slots:
+            buckets[-1].append(row)
+            used += own
+        else:
+            buckets.append([row])
+            width = used = own
+    return buckets
 
 
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
