@@ -26,6 +26,7 @@ from typing import Any
 import dspy
 from dspy.teleprompt import Teleprompter
 
+from apexdsp.memory import release_memory
 from apexdsp.optimizers.grpo_config import ModuleGRPOConfig, completion_length_for
 from apexdsp.optimizers.grpo_tracking import (MlflowStepLogger, TimedGRPOTrainer, ZeroSignalMonitor,
                                               reward_curve_figure, timing_summary)
@@ -127,6 +128,7 @@ class ModuleGRPO(Teleprompter):
             save_trained_weights(trainer.model, trainer.processing_class, target, manifest)
             run.log_json(manifest, f"weights/{name}/{target.name}-manifest.json")
         del trainer
+        release_memory()  # the trainer's model, optimizer state and cycles: 3 GB on SmolLM2 (apexdsp.memory)
         use_trained_lm([predictor], target, base_lm)
         self.result = result
         return program

@@ -23,6 +23,7 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from apexdsp.errors import ApexError
+from apexdsp.memory import release_memory
 from apexdsp.optimizers.grpo import COMPILE_EXPERIMENT, _has_active_run, align_end_of_turn
 from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
 from apexdsp.optimizers.grpo_config import LoraOptions
@@ -171,6 +172,8 @@ class ModuleSFT(Teleprompter):
                                  {"modules": list(predictors), "kind": "sft", "examples": len(examples),
                                   "steps": trainer.state.global_step, "base_model": str(base_dir),
                                   "mlflow_run": run.run_id})
+        del trainer
+        release_memory()  # the trainer's model, optimizer state and cycles; see apexdsp.memory
         use_trained_lm(list(predictors.values()), target, base_lm)
         return program
 
