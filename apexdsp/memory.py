@@ -12,7 +12,6 @@ killed for memory before this.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 
@@ -35,11 +34,9 @@ def release_memory() -> None:
     """Collect unreachable cycles, then ask glibc to return its free heap pages (a no-op elsewhere)."""
     before = resident_megabytes()
     gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        libc = ctypes.CDLL(libc_name)
-        if hasattr(libc, "malloc_trim"):  # glibc only (musl and macOS have none)
-            libc.malloc_trim(0)
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library
+    if malloc_trim is not None:  # glibc only (musl and macOS have none)
+        malloc_trim(0)
     after = resident_megabytes()
     if before is not None and after is not None:
         logger.info("released memory: %d -> %d MiB resident", before, after)
