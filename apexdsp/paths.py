@@ -63,3 +63,15 @@ def shared_data_dir() -> Path:
     """The offline copy of the benchmarks: ``APEXDSP_DATA`` or ``../shared/data`` beside the checkout."""
     env = os.environ.get("APEXDSP_DATA")
     return Path(env).resolve() if env else (repo_root().parent / "shared" / "data").resolve()
+
+
+def recorded_path(path: str | Path) -> str:
+    """A file as runs record it (MLflow params, spec descriptions): relative to the data folder when it is
+    one of its files (``hotpotqa/dev.jsonl``), else relative to the working directory when under it, else
+    absolute. Runs made on two machines or from two checkouts then name the same data file the same way,
+    so ``apexdsp compare`` does not show a machine's folders as a parameter that differs."""
+    resolved = Path(path).expanduser().resolve()
+    for base in (shared_data_dir(), Path.cwd().resolve()):
+        if resolved.is_relative_to(base):
+            return resolved.relative_to(base).as_posix()
+    return str(resolved)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from apexdsp.errors import ApexError
+from apexdsp.paths import recorded_path
 from apexdsp.experiments.stages import STAGE_KINDS, stage_labels
 
 METRICS = ("em", "f1", "hit", "recall")  # the default; "decomposition" scores the plans too
@@ -81,7 +82,7 @@ class QuestionSource(_Strict):
         return self
 
     def describe(self) -> str:
-        name = str(self.file) if self.file else f"hub:{self.hub}:{self.split or 'default'}"
+        name = recorded_path(self.file) if self.file else f"hub:{self.hub}:{self.split or 'default'}"
         end = f"{self.offset + self.limit}" if self.limit else "end"
         drawn = f" (sample {self.sample}, seed {self.sample_seed})" if self.sample else ""
         return f"{name}[{self.offset}:{end}]{drawn}"

@@ -19,6 +19,7 @@ from apexdsp.errors import ApexError
 from apexdsp.experiments.sources import file_hash, load_source, source_identity
 from apexdsp.experiments.spec import ExperimentSpec, QuestionSource
 from apexdsp.experiments.stages import STAGE_KINDS, StageContext, run_stage, stage_labels
+from apexdsp.paths import recorded_path
 from apexdsp.tracking.run import write_json_atomic
 
 RESULT_FILE = "result.json"
@@ -225,7 +226,7 @@ class IndexStep(Step):
                                nbits=self.index.nbits, partitions=self.index.partitions)
         metrics = {"passages": manifest.passages, "build_seconds": manifest.build_seconds,
                    "index_bytes": manifest.index_bytes, "passages_per_second": manifest.passages_per_second}
-        return StepOutput(params={"corpus": str(self.index.corpus), "nbits": self.index.nbits,
+        return StepOutput(params={"corpus": recorded_path(self.index.corpus), "nbits": self.index.nbits,
                                   "partitions": manifest.partitions}, metrics=metrics,
                           artifacts=["index/apexdsp-index.json"])
 

@@ -214,3 +214,22 @@ def test_cli_check_lists_the_steps_of_each_spec(tmp_path, data_dir, capsys):
     assert main(["run", str(first), str(second), "--check", "--cache-dir", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
     assert "one-rag" in out and "two-rag" in out and out.count("to do") == 6
+
+
+def test_runs_record_data_files_relative_to_the_data_folder(tmp_path, monkeypatch, data_dir):
+    """Params name a data file the same way on every machine and checkout (``hotpotqa/dev.jsonl``)."""
+    from apexdsp.paths import recorded_path
+    from apexdsp.tracking.provenance import data_file_params
+
+    dev = data_dir / "hotpotqa" / "dev.jsonl"
+    elsewhere = tmp_path / "mine" / "questions.jsonl"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text('{"id": "1"}\n')
+    monkeypatch.chdir(tmp_path / "mine")
+    assert recorded_path(dev) == "hotpotqa/dev.jsonl"
+    assert recorded_path(elsewhere) == "questions.jsonl"  # under the working directory: relative to it
+    monkeypatch.chdir(data_dir.parent)
+    assert recorded_path(elsewhere) == str(elsewhere.resolve())  # neither: absolute
+    assert data_file_params({"questions": dev})["questions"] == "hotpotqa/dev.jsonl"
+    source = QuestionSource(file=dev, offset=10, limit=20)
+    assert source.describe() == "hotpotqa/dev.jsonl[10:30]"

@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from apexdsp.data.loaders import file_sha256
-from apexdsp.paths import repo_root
+from apexdsp.paths import recorded_path, repo_root
 
 TRACKED_PACKAGES = ("apexdsp", "dspy", "torch", "transformers", "trl", "colbert-ai", "mlflow")
 
@@ -46,9 +46,9 @@ def library_versions() -> dict[str, str]:
 
 
 def data_file_params(paths: dict[str, str | Path]) -> dict[str, str]:
-    """``{role: path}`` → params ``{role: path, role_sha256: first 16 hex digits}``."""
+    """``{role: path}`` → params ``{role: path, role_sha256: first 16 hex digits}`` (paths as :func:`recorded_path`)."""
     params: dict[str, str] = {}
     for role, path in paths.items():
-        params[role] = str(path)
+        params[role] = recorded_path(path)
         params[f"{role}_sha256"] = file_sha256(path)[:16]
     return params
