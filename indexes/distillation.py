@@ -17,7 +17,7 @@ row, the two are summed, and divided by a temperature.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,8 +36,7 @@ class Teacher:
     """Precomputed teacher scores; :meth:`logits` gives the block for one batch."""
 
     def __init__(self, questions: Sequence[str], passages: Sequence[str], config: TeacherConfig | None = None,
-                 known_embeddings: dict[str, np.ndarray] | None = None,
-                 progress: Callable[[int], None] | None = None):
+                 known_embeddings: dict[str, np.ndarray] | None = None, progress: bool = False):
         from apexdsp.indexes.baselines import MiniLMEncoder
 
         self.config = config or TeacherConfig()
@@ -46,9 +45,8 @@ class Teacher:
         known = known_embeddings or {}
         missing = [text for text in dict.fromkeys(passages) if text not in known]
         if missing:  # passages not in a corpus whose dense vectors are cached
-            known = {**known, **dict(zip(missing, encoder.encode(missing)))}
-        if progress is not None:
-            progress(len(passages))
+            # thousands of passages on the specs' recipes: minutes on 2 cores, so it shows a bar
+            known = {**known, **dict(zip(missing, encoder.encode(missing, progress=progress)))}
         passage_vectors = np.stack([known[text] for text in passages])
         question_vectors = encoder.encode(list(questions))
         self.dense = torch.from_numpy(question_vectors @ passage_vectors.T).to(torch.float16)

@@ -102,7 +102,7 @@ def train_encoder(
         timings["cache_s"] = time.perf_counter() - mark
         if config.distill_weight > 0:
             mark = time.perf_counter()
-            trainer.teacher = _teacher(trainer, config, corpus_paths)
+            trainer.teacher = _teacher(trainer, config, corpus_paths, progress)
             timings["teacher_s"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -181,10 +181,10 @@ def _random_pool(corpus_path: str, config: EncoderTrainingConfig) -> list:
     return [TrainPassage(corpus[pid].title, corpus[pid].text) for pid in sorted(picked)]
 
 
-def _teacher(trainer: EncoderTrainer, config: EncoderTrainingConfig, corpus_paths: list[str]):
+def _teacher(trainer: EncoderTrainer, config: EncoderTrainingConfig, corpus_paths: list[str], progress: bool):
     """The distillation teacher over the trainer's questions and cached passages (see :mod:`.distillation`)."""
     from apexdsp.indexes.distillation import Teacher, TeacherConfig, corpus_embeddings
 
     return Teacher(trainer.question_texts(), trainer.passage_texts(),
                    TeacherConfig(bm25_weight=config.teacher_bm25_weight, temperature=config.teacher_temperature),
-                   known_embeddings=corpus_embeddings(corpus_paths))
+                   known_embeddings=corpus_embeddings(corpus_paths), progress=progress)
