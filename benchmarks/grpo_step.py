@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="bf16: float32 weights, forward and backward under bfloat16 autocast")
+    parser.add_argument("--rollout-engine", choices=["transformers", "apexdsp"], default="transformers",
+                        help="who samples the completions: TRL's model.generate, or the local engine's decoder")
     parser.add_argument("--out", type=Path, default=Path(".apexdsp/bench/grpo_step.json"))
     args = parser.parse_args(argv)
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ModuleGRPOConfig(prompts_per_step=args.prompts, num_generations=args.generations,
                               max_completion_length=args.tokens, max_steps=args.steps, save_steps=10_000,
                               beta=args.beta, num_threads=args.threads, resume=False,
-                              mixed_precision=args.mixed_precision)
+                              mixed_precision=args.mixed_precision, rollout_engine=args.rollout_engine)
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as out:
         optimizer = ModuleGRPO(out, config, retriever=retriever)
         started = time.perf_counter()
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                "num_generations": args.generations, "max_completion_length": args.tokens, "steps": result.steps,
                "total_seconds": total, "train_seconds": result.seconds, "timing_per_step": result.timing,
                "reward_first": result.reward_first, "reward_last": result.reward_last, "zero_std": result.zero_std,
-               "threads": args.threads, "mixed_precision": args.mixed_precision,
+               "threads": args.threads, "mixed_precision": args.mixed_precision, "rollout_engine": args.rollout_engine,
                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     write_json_atomic(figures, args.out)
     for key, value in figures.items():

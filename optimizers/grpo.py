@@ -157,9 +157,12 @@ class ModuleGRPO(Teleprompter):
         align_end_of_turn(tokenizer, model)
         dataset = Dataset.from_list([{"prompt": p.messages, "example_index": i} for i, p in enumerate(prompts)])
         monitor = ZeroSignalMonitor(config.zero_std_warning, module)
+        from apexdsp.optimizers.engine_rollout import EngineRollout
+
+        rollout = EngineRollout() if config.rollout_engine == "apexdsp" else None
         trainer = TimedGRPOTrainer(model=model, reward_funcs=[reward_fn], args=config.to_trl(work / "checkpoints"),
                                    train_dataset=dataset, processing_class=tokenizer, peft_config=config.lora(),
-                                   callbacks=[MlflowStepLogger(), monitor])
+                                   callbacks=[MlflowStepLogger(), monitor], rollout_func=rollout)
         return trainer, monitor
 
     def _report(self, run, module: str, target: Path, trainer, monitor: ZeroSignalMonitor,

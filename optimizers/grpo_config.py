@@ -101,6 +101,9 @@ class ModuleGRPOConfig(LoraOptions):
     mixed_precision: Literal["no", "bf16"] = "no"
     num_threads: int | None = 2  # torch threads on CPU (the machine is shared)
     gradient_checkpointing: bool = False
+    # Who samples the completions: "transformers" is TRL's ``model.generate``; "apexdsp" is the local engine's
+    # batching decoder (a prompt prefilled once for its whole group, finished rows dropped; engine_rollout.py)
+    rollout_engine: Literal["transformers", "apexdsp"] = "transformers"
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_server_base_url: str | None = None
@@ -115,6 +118,10 @@ class ModuleGRPOConfig(LoraOptions):
                 raise ApexError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.vllm_mode == "server" and self.use_vllm and not self.vllm_server_base_url:
             raise ApexError("vllm_mode='server' needs vllm_server_base_url (where `trl vllm-serve` listens)")
+        if self.rollout_engine not in ("transformers", "apexdsp"):
+            raise ApexError(f"rollout_engine must be 'transformers' or 'apexdsp', got {self.rollout_engine!r}")
+        if self.rollout_engine == "apexdsp" and self.use_vllm:
+            raise ApexError("rollout_engine='apexdsp' and use_vllm=True both want to sample: choose one")
         if self.mixed_precision not in ("no", "bf16"):
             raise ApexError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         self.lora_target_modules = tuple(self.lora_target_modules)

@@ -343,3 +343,59 @@ def test_weight_stages_alone_compile_the_uncompiled_program_from_the_command_lin
                                 "--no-track", "--json"], capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout)["n"] == 1
+
+
+def test_the_batching_decoder_samples_what_model_generate_would(tiny_model_dir):
+    """Greedy rows from the engine's decoder equal ``model.generate``'s, prompt by prompt, with identical
+    prompts sharing one prefill (the GRPO group case)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from apexdsp.lm.generation import SamplingParams
+    from apexdsp.optimizers.engine_rollout import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    texts = ["Plan the steps: which river flows through the capital of France?", "Who wrote Hamlet, and when?"]
+    prompts = [tokenizer(text)["input_ids"] for text in texts for _ in range(2)]  # two copies each, as TRL repeats
+    rows = generate(model, tokenizer, prompts, SamplingParams(max_tokens=10, temperature=0.0),
+                    tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    assert [row.prompt_ids for row in rows] == prompts
+    for row, ids in zip(rows, prompts):
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        assert row.generated == expected[0, len(ids):].tolist()
+
+
+def test_grpo_with_the_engines_rollouts_trains_the_module(tiny_lm, tiny_model_dir, questions, tmp_path, monkeypatch):
+    from apexdsp.optimizers.engine_rollout import EngineRollout
+
+    seen = []
+    real = EngineRollout.__call__
+
+    def recording(self, prompts, trainer):
+        output = real(self, prompts, trainer)
+        seen.append((prompts, output))
+        return output
+
+    monkeypatch.setattr(EngineRollout, "__call__", recording)
+    config = tiny_config(rollout_engine="apexdsp", mixed_precision="bf16")
+    optimizer = ModuleGRPO(tmp_path / "out", config)
+    optimizer.compile(PlanOnly(), trainset=questions, module="planner", reward="decomposition")
+
+    assert optimizer.result.steps == 2 and len(seen) == 2  # one rollout per step
+    for prompts, output in seen:
+        completions = output["completion_ids"]
+        assert len(completions) == len(output["prompt_ids"]) == len(prompts) == 4  # 2 prompts x 2 generations
+        assert output["prompt_ids"][0] == output["prompt_ids"][1]  # a prompt's group arrives together
+        assert all(1 <= len(ids) <= 12 for ids in completions)
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(optimizer.result.weights / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "GRPO left every weight as it was"
+    assert mlflow.tracking.MlflowClient().get_run(optimizer.result.run_id).data.metrics["time/generation_s"] > 0
+    with pytest.raises(ApexError, match="choose one"):
+        ModuleGRPOConfig(rollout_engine="apexdsp", use_vllm=True)
+    with pytest.raises(ApexError, match="min_p"):
+        from apexdsp.optimizers.engine_rollout import sampling_params
+
+        sampling_params(tiny_config(trl_overrides={"min_p": 0.1}).to_trl(tmp_path / "trl"))
