@@ -51,10 +51,11 @@ class EngineRollout:
 
 def sampling_params(args: Any) -> SamplingParams:
     """TRL's sampling settings as the decoder's; settings it has no equivalent for are refused."""
-    unsupported = {name: value for name, value in (("min_p", args.min_p), ("generation_kwargs", args.generation_kwargs))
-                   if value} | ({"repetition_penalty": args.repetition_penalty} if args.repetition_penalty != 1.0 else {})
+    unsupported = [name for name, used in (("min_p", bool(args.min_p)),
+                                           ("repetition_penalty", args.repetition_penalty != 1.0),
+                                           ("generation_kwargs", bool(args.generation_kwargs))) if used]
     if unsupported:
-        raise ApexError(f"rollout_engine='apexdsp' does not sample with {sorted(unsupported)}; "
+        raise ApexError(f"rollout_engine='apexdsp' does not sample with {', '.join(unsupported)}; "
                         "use rollout_engine='transformers' for them")
     return SamplingParams(max_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k or 0)
