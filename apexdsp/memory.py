@@ -4,7 +4,7 @@ An experiment runs its steps in one process, so what a GRPO stage leaves behind 
 evaluation after it and for the next experiment of the chain. Deleting the trainer is not enough:
 TRL's trainer, its callbacks and accelerate's state refer to one another (a cycle only the garbage
 collector frees), and glibc keeps freed heap pages for reuse instead of returning them. Measured on a
-2-step GRPO compile of SmolLM2's planner (session 14): the process grew from 0.9 to 4.0 GB; a collection
+2-step GRPO compile of SmolLM2's planner: the process grew from 0.9 to 4.0 GB; a collection
 brought it to 3.5 GB and ``malloc_trim`` to 1.0 GB. Two experiment chains on a 24 GB machine were
 killed for memory before this.
 """

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--prefill-padding", default=None,
                         help="comma-separated EngineConfig.max_prefill_padding values to compare (1 = one pass "
-                             "per prefix group, as before session 14); default: the engine's own")
+                             "per prefix group, the earlier behaviour); default: the engine's own")
     parser.add_argument("--out", type=Path, help="also write the JSON result here (atomically)")
     return parser.parse_args(argv)
 

@@ -144,9 +144,13 @@ class ExperimentRunner:
         """Compute missing steps (unless ``log_only``) and log unlogged ones (when ``track``)."""
         if log_only and not track:
             raise ApexError("--log-only and --no-track contradict each other")
+        track = track and self.spec.track
         with experiment_lock(self.cache_root, self.spec.name):
             if not track:
-                return RunSummary(self.spec.name, None, [self._execute(step, None) for step in self.steps])
+                from apexdsp.tracking import tracking_disabled
+
+                with tracking_disabled():  # the stages' own runs too: nothing reaches MLflow
+                    return RunSummary(self.spec.name, None, [self._execute(step, None) for step in self.steps])
             from apexdsp.tracking import default_tracking_uri
 
             uri = default_tracking_uri()

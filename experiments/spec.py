@@ -285,6 +285,7 @@ class ExperimentSpec(_Strict):
     description: str = ""
     experiment: str | None = None
     seed: int = 0
+    track: bool = Field(True, description="log to MLflow (false: compute only, as `apexdsp run --no-track`)")
     data: DataSpec
     index: IndexSpec | None = None
     program: ProgramSpec

@@ -115,7 +115,7 @@ def _labeled(program: Any, settings: dict[str, Any], context: StageContext) -> A
     return compiled
 
 
-# -- bootstrap (issue 5: optimizers/bootstrap.py) -------------------------------------------------------
+# -- bootstrap (optimizers/bootstrap.py) ------------------------------------------------------------------
 
 def _settings_config(target: str, kind: str, settings: dict[str, Any]) -> Any:
     """A stage's pydantic settings class (``module:attribute``) built from ``settings``; the first error
@@ -177,7 +177,7 @@ def _calibrate(program: Any, settings: dict[str, Any], context: StageContext) ->
     return compiled
 
 
-# -- grpo / sft (issue 6: optimizers/grpo.py, optimizers/sft.py) -----------------------------------------
+# -- grpo / sft (optimizers/grpo.py, optimizers/sft.py) -------------------------------------------------
 
 _GRPO_CALL = ("module", "reward", "reward_options", "name")
 
@@ -261,15 +261,15 @@ _SFT_CALL = ("modules", "reward", "min_reward", "name")
 
 
 def _sft_stage(program: Any, settings: dict[str, Any], context: StageContext) -> Any:
-    """APEX-Searcher's executor SFT: imitate the program's own high-reward trajectories."""
+    """APEX-Searcher's executor SFT: imitate annotated calls and/or the program's own high-reward runs."""
     optimizer_class = import_optimizer(STAGE_KINDS["sft"].optimizer, "sft")
     config_class = import_optimizer(STAGE_KINDS["sft"].config, "sft")
     call = {k: v for k, v in settings.items() if k in _SFT_CALL}
     if "modules" in call:
         call["modules"] = tuple(call["modules"])
     config = config_class(**{"seed": context.seed, **{k: v for k, v in settings.items() if k not in _SFT_CALL}})
-    optimizer = optimizer_class(context.work_dir, config)
-    compiled = optimizer.compile(program, trainset=context.trainset, **call)
+    optimizer = optimizer_class(context.work_dir, config, retriever=context.retriever, **call)
+    compiled = optimizer.compile(program, trainset=context.trainset)
     context.metrics["sft_examples"] = float(len(optimizer.examples))
     context.history.update(_trainer_history(context.work_dir))
     return compiled
@@ -298,17 +298,17 @@ def _trainer_progress(work_dir: Path) -> str | None:
 
 STAGE_KINDS: dict[str, StageKind] = {
     "bootstrap": StageKind("bootstrap", "apexdsp.optimizers.bootstrap:RewardBootstrap", _bootstrap,
-                           "reward-filtered few-shot bootstrapping with random search (issue 5)",
+                           "reward-filtered few-shot bootstrapping with random search",
                            check=lambda settings: _bootstrap_config(settings),
                            execution_settings=frozenset({"threads", "progress"}), progress=_bootstrap_progress),
     "grpo": StageKind("grpo", "apexdsp.optimizers.grpo:ModuleGRPO",
                       lambda p, s, c: _trainer_stage("grpo", p, s, c),
-                      "GRPO on one module's LM with that module's reward (issue 6)",
+                      "GRPO on one module's LM with that module's reward",
                       config="apexdsp.optimizers.grpo_config:ModuleGRPOConfig",
                       check=lambda settings: _check_trainer("grpo", settings, _GRPO_CALL),
                       execution_settings=TRAINER_EXECUTION_SETTINGS, progress=_trainer_progress),
     "sft": StageKind("sft", "apexdsp.optimizers.sft:ModuleSFT", _sft_stage,
-                     "supervised fine-tuning of the executor on high-reward trajectories (issue 6)",
+                     "supervised fine-tuning of modules on annotated calls or high-reward trajectories",
                      config="apexdsp.optimizers.sft:SFTStageConfig",
                      check=lambda settings: _check_trainer("sft", settings, _SFT_CALL),
                      execution_settings=TRAINER_EXECUTION_SETTINGS, progress=_trainer_progress),

@@ -158,7 +158,7 @@ def _compiled_api() -> Any:
     try:
         from apexdsp.optimizers import compiled
     except ImportError as error:
-        raise ApexError(f"compile stages need apexdsp.optimizers.compiled (issue 5), which cannot be imported "
+        raise ApexError(f"compile stages need apexdsp.optimizers.compiled, which cannot be imported "
                         f"({error})") from None
     return compiled
 

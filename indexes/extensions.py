@@ -7,7 +7,7 @@ means that ``apexdsp setup warm`` pays that cost once and every later process on
 
 torch serialises builds with a baton: a ``lock`` file in the extension's folder, created by the builder
 and removed when it is done. A builder that is killed (SIGKILL, SIGTERM, a machine that stops) leaves
-the file behind, and every later process waits for it forever without a word (seen in session 13: an
+the file behind, and every later process waits for it forever without a word (seen once: an
 experiment restarted after a kill sat idle on it). :func:`load_extensions` therefore takes a lock of
 its own first, an ``flock`` that the kernel releases when its holder dies; whoever holds it is the only
 apexdsp process that can be building, so any baton it finds is stale and is removed.

@@ -1,6 +1,6 @@
 """Module GRPO: train the LM weights behind one module of a (compiled) program on that module's reward.
 
-The second compiler stage (issue 6), after OPERA's MAPGRPO and QAgent's staged training: the module's
+The second compiler stage, after OPERA's MAPGRPO and QAgent's staged training: the module's
 prompts are collected from runs of the program on training questions and formatted exactly as DSPy's
 adapter sends them (:mod:`.module_prompts`); ``trl.GRPOTrainer`` samples several completions per prompt,
 each is parsed with the same adapter and scored by the module's reward (:mod:`.module_rewards`); the
@@ -32,7 +32,7 @@ from apexdsp.optimizers.grpo_tracking import (MlflowStepLogger, TimedGRPOTrainer
                                               reward_curve_figure, timing_summary)
 from apexdsp.optimizers.module_prompts import (ModulePrompt, ModulePromptCollector, as_questions,
                                                current_adapter, find_predictor, load_prompts, prompts_key,
-                                               save_prompts)
+                                               save_prompts, trainer_prompt)
 from apexdsp.optimizers.module_rewards import ModuleReward, TRLRewardFunction, build_module_reward
 from apexdsp.optimizers.trained_lm import (copy_program, is_trained, module_lm, read_manifest,
                                            save_trained_weights, trainable_model_dir, use_trained_lm, weights_dir)
@@ -155,7 +155,9 @@ class ModuleGRPO(Teleprompter):
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, config.dtype))
         align_end_of_turn(tokenizer, model)
-        dataset = Dataset.from_list([{"prompt": p.messages, "example_index": i} for i, p in enumerate(prompts)])
+        # Text prompts: TRL would render chat messages with a new assistant turn (see trainer_prompt).
+        dataset = Dataset.from_list([{"prompt": trainer_prompt(p.messages, tokenizer), "example_index": i}
+                                     for i, p in enumerate(prompts)])
         monitor = ZeroSignalMonitor(config.zero_std_warning, module)
         from apexdsp.optimizers.engine_rollout import EngineRollout
 

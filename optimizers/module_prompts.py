@@ -3,8 +3,9 @@
 Weight-level training must see the very prompt the module will be called with after training, or the
 policy learns a task it never performs: same instructions, same bootstrapped demos, same field layout.
 So prompts are built by the adapter that runs the program (``adapter.format(signature, demos, inputs)``
--> chat messages), and the trainer applies the tokenizer's chat template to those messages, as the local
-engine does at inference (checked token for token in ``tests/test_grpo.py``).
+-> chat messages), rendered by the tokenizer's chat template exactly as the local engine renders them at
+inference and handed to the trainer as that text (:func:`trainer_prompt`; checked against TRL's own
+tokenization, token for token, in ``tests/test_grpo.py``).
 
 A module's inputs come from running the program on training questions with DSPy's trace on (what the
 upstream modules actually produce, with their current prompts and weights: that is what "earlier modules
@@ -101,6 +102,23 @@ def chat_prompt_text(messages: list[dict[str, str]], tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **template_mode(messages))
 
 
+def trainer_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """The prompt as a trainer must be handed it so that it reads the ids the engine sends.
+
+    TRL renders a conversational prompt with ``add_generation_prompt=True``, which closes a prefilled reply
+    (``[[ ## plan ## ]]``) and opens a new assistant turn: a prompt the module never sees. A text prompt is
+    tokenized as it is, so the rendered text (reply continued, :func:`chat_prompt_text`) is handed over
+    instead; a tokenizer that adds a BOS of its own gets the text without the template's, so that BOS is
+    not doubled.
+    """
+    text = chat_prompt_text(messages, tokenizer)
+    bos = tokenizer.bos_token
+    adds_special = tokenizer("a")["input_ids"] != tokenizer("a", add_special_tokens=False)["input_ids"]
+    if adds_special and bos and text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
 def _as_question(item: Any) -> Question:
     if isinstance(item, Question):
         return item
@@ -194,4 +212,5 @@ def load_prompts(path: Path, key: str) -> list[ModulePrompt] | None:
 
 
 __all__ = ["ModulePrompt", "ModulePromptCollector", "as_questions", "chat_prompt_text", "current_adapter",
-           "find_predictor", "format_messages", "load_prompts", "prompts_key", "reply_prefix", "save_prompts"]
+           "find_predictor", "format_messages", "load_prompts", "prompts_key", "reply_prefix", "save_prompts",
+           "trainer_prompt"]

@@ -1,6 +1,6 @@
 """Rewards wired to modules: a sampled completion -> the module's parsed outputs -> a reward.
 
-Each module is trained on its own reward (issue 6): the planner on the decomposition reward, a
+Each module is trained on its own reward: the planner on the decomposition reward, a
 query-writing step on the frozen-generator reward (the documents its queries find, read by a generator
 it does not control), an answer-writing step on the answer reward. A :class:`ModuleReward` scores a
 whole batch at once (the decomposition reward batches its searches), from the outputs the *same
@@ -197,7 +197,7 @@ MODULE_REWARDS: dict[str, Callable[..., ModuleReward]] = {
     "search_answer": lambda **options: SearchModuleReward(**{"kind": "f1", "name": "search_answer", **options}),
 }
 
-# Which reward trains which module by default (issue 6, item 2); a program's own mapping overrides it.
+# Which reward trains which module by default; a program's own mapping overrides it.
 DEFAULT_MODULE_REWARDS: dict[str, str] = {
     "planner.write_plan": "decomposition",
     "executor.write_query": "frozen_generator",

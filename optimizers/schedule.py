@@ -73,7 +73,10 @@ MAPGRPO_ORDERS: dict[str, list[tuple[str, str]]] = {
 
 def mapgrpo_stages(program: str, config: ModuleGRPOConfig | None = None,
                    modules: list[str] | None = None) -> list[Stage]:
-    """MAPGRPO's stages for ``program`` (optionally only ``modules``, in the program's order)."""
+    """MAPGRPO's stages for ``program`` (optionally only ``modules``, in the program's order); for
+    ``qagent``, its two stages on the query writer."""
+    if program == "qagent":
+        return qagent_stages(config)
     try:
         order = MAPGRPO_ORDERS[program]
     except KeyError:
@@ -92,22 +95,29 @@ def qagent_stages(config: ModuleGRPOConfig | None = None, module: str = "write_q
 _STAGE = re.compile(r"^(grpo|sft)\(([\w.]+)(?::(\w+))?\)$")
 
 
-def parse_stages(spec: str, config: ModuleGRPOConfig | None = None) -> list[Stage]:
-    """``"grpo(planner)+grpo(executor.analyze:answer)+sft(executor)"`` -> stages (``bootstrap`` is
-    skipped: that is the prompt stage, run before these)."""
+def parse_stages(spec: str, config: ModuleGRPOConfig | None = None,
+                 sft_config: SFTStageConfig | None = None, program: str | None = None) -> list[Stage]:
+    """``"sft(reader.generate)+grpo(planner)+grpo(executor.analyze:answer)"`` -> stages (``bootstrap`` is
+    skipped: that is the prompt stage, run before these). ``mapgrpo`` stands for the program's MAPGRPO
+    schedule (:data:`MAPGRPO_ORDERS`; QAgent's two stages for ``qagent``)."""
     stages = []
     for part in (p.strip() for p in spec.split("+") if p.strip()):
         if part == "bootstrap":
+            continue
+        if part == "mapgrpo":
+            if program is None:
+                raise ApexError(f"{spec!r}: 'mapgrpo' needs the program's name to know its modules")
+            stages.extend(mapgrpo_stages(program, config))
             continue
         if part == "calibrate":
             stages.append(Stage("calibrate", "choices"))
             continue
         match = _STAGE.match(part)
         if match is None:
-            raise ApexError(f"bad stage {part!r} in {spec!r}; write grpo(MODULE), grpo(MODULE:REWARD), sft(MODULE) "
-                            "or calibrate")
+            raise ApexError(f"bad stage {part!r} in {spec!r}; write grpo(MODULE), grpo(MODULE:REWARD), sft(MODULE), "
+                            "mapgrpo or calibrate")
         kind, module, reward = match.groups()
-        stages.append(Stage(kind, module, reward, grpo=config))  # type: ignore[arg-type]
+        stages.append(Stage(kind, module, reward, grpo=config, sft=sft_config))  # type: ignore[arg-type]
     if not stages:
         raise ApexError(f"{spec!r} names no training stage")
     return stages
@@ -127,8 +137,36 @@ class ProgressiveSchedule(Teleprompter):
         self.experiment = experiment
         self.results: list[Any] = []
 
+    def check(self, program: dspy.Module) -> None:
+        """Refuse, before any work, a stage whose module the program lacks, a reward that does not exist,
+        or SFT from annotations that cannot be rebuilt (no such calls, no index)."""
+        from apexdsp.optimizers.annotated_calls import synthesizer_for
+        from apexdsp.optimizers.module_prompts import resolve_module
+        from apexdsp.optimizers.module_rewards import MODULE_REWARDS
+        from apexdsp.optimizers.sft_examples import module_predictors
+
+        names = [name for name, _ in program.named_predictors()]
+        for stage in self.stages:
+            where = f"stage {stage.kind}({stage.module})"
+            try:
+                if stage.kind == "grpo":
+                    resolve_module(names, stage.module)
+                    if stage.resolved_reward() not in MODULE_REWARDS:
+                        raise ApexError(f"unknown reward {stage.resolved_reward()!r}; known: "
+                                        f"{', '.join(sorted(MODULE_REWARDS))}")
+                elif stage.kind == "sft":
+                    chosen = module_predictors(program, (stage.module,))
+                    if "annotated" in (stage.sft or SFTStageConfig()).source:
+                        if self.retriever is None:
+                            raise ApexError("SFT from annotations needs the index the program searches")
+                        for name in chosen:
+                            synthesizer_for(program, name)
+            except ApexError as error:
+                raise ApexError(f"{where}: {error}") from None
+
     def compile(self, student: dspy.Module, *, trainset: list[Any], teacher: Any = None,
                 valset: Any = None) -> dspy.Module:
+        self.check(student)
         program = student
         labels = [f"{s.kind}({s.module})" for s in self.stages]
         with tracked_run(self.experiment, run_name="schedule", nested=_has_active_run(),
@@ -146,9 +184,10 @@ class ProgressiveSchedule(Teleprompter):
             self.results.append(calibration.report)
             return calibrated
         if stage.kind == "sft":
-            sft = ModuleSFT(self.out_dir, stage.sft, experiment=self.experiment)
-            trained = sft.compile(program, trainset=trainset, modules=(stage.module,), name=stage.name)
-            self.results.append(sft.examples)
+            sft = ModuleSFT(self.out_dir, stage.sft, modules=(stage.module,), retriever=self.retriever,
+                            name=stage.name, experiment=self.experiment)
+            trained = sft.compile(program, trainset=trainset)
+            self.results.append(sft)
             return trained
         reward_options = dict(stage.reward_options)
         if stage.resolved_reward() == "search_answer" and "reader" not in reward_options:

@@ -74,3 +74,22 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def paragraphs_index(data_dir):
+    """A real BM25 index over the paragraphs of the first HotpotQA and MuSiQue training questions."""
+    from apexdsp.data.loaders import read_questions
+    from apexdsp.data.records import Passage
+    from apexdsp.indexes.baselines import BM25Retriever
+    from apexdsp.indexes.corpus import Corpus
+
+    records = (read_questions(data_dir / "hotpotqa" / "train.jsonl")[:30]
+               + read_questions(data_dir / "musique" / "train.jsonl")[:10])
+    seen, passages = set(), []
+    for record in records:
+        for paragraph in record.paragraphs:
+            if paragraph.title not in seen:
+                seen.add(paragraph.title)
+                passages.append(Passage(id=f"p{len(passages)}", title=paragraph.title, text=paragraph.text))
+    return records, BM25Retriever(Corpus(passages))

@@ -83,6 +83,39 @@ def test_prompts_are_what_dspy_sends(tiny_lm, questions):
     assert 0 < shared < len(ids) - 10  # the system turn is shared; the question and the prefill are not
 
 
+def test_trl_tokenizes_the_prompt_the_engine_sends(tiny_lm, questions, tmp_path, monkeypatch):
+    """TRL's own prompt tokenization (``GRPOTrainer._tokenize_prompts``, which both rollout paths use) gives
+    the very ids the local engine was sent when the module ran, prefilled reply included."""
+    from apexdsp.lm.engine import LocalEngine
+
+    sent: list[list[int]] = []
+    real = LocalEngine.prompt_ids
+
+    def recording(self, request):
+        ids, shared = real(self, request)
+        sent.append(list(ids))
+        return ids, shared
+
+    monkeypatch.setattr(LocalEngine, "prompt_ids", recording)
+    monkeypatch.setattr(tiny_lm, "cache", False)  # the call must reach the engine
+    program = PlanOnly()
+    program(question=questions[0].question)
+    assert len(sent) == 1
+    prompts = ModulePromptCollector("planner", progress=False).collect(program, questions[:1])
+    signature = program.planner.write_plan.signature
+    reward = TRLRewardFunction(DecompositionModuleReward(), prompts, signature, TolerantChatAdapter())
+    optimizer = ModuleGRPO(tmp_path / "out", tiny_config())
+    trainer, _ = optimizer._trainer(tiny_config(), tiny_lm.engine.model_dir, prompts, reward, tmp_path / "work",
+                                    "planner.write_plan")
+    trl_ids, _, _ = trainer._tokenize_prompts([trainer.train_dataset[0]["prompt"]])
+    assert list(trl_ids[0]) == sent[0]
+    tokenizer = trainer.processing_class
+    assert tokenizer.decode(sent[0]).endswith("<|im_start|>assistant\n[[ ## plan ## ]]")
+    # The chat messages themselves would have been rendered with a new turn after the prefilled header.
+    conversational, _, _ = trainer._tokenize_prompts([prompts[0].messages])
+    assert list(conversational[0]) != sent[0]
+
+
 def test_collector_runs_the_program_for_downstream_modules(tiny_lm, questions):
     program = PlanOnly()
     prompts = ModulePromptCollector("planner.write_plan", direct=False, progress=False).collect(program, questions[:2])
@@ -326,12 +359,23 @@ def test_weight_stages_alone_compile_the_uncompiled_program_from_the_command_lin
     import sys
     from pathlib import Path
 
+    import os
+
     apexdsp = str(Path(sys.executable).parent / "apexdsp")
     out = tmp_path / "vanilla-grpo"
-    result = subprocess.run([apexdsp, "compile", "--program", "vanilla", "--optimizer", "grpo(generate_answer:answer)",
-                             "--lm", str(tiny_model_dir), "--trainset", str(data_dir / "hotpotqa" / "train.jsonl"),
-                             "--limit-train", "4", "--grpo-steps", "1", "--grpo-beta", "0", "--out", str(out),
-                             "--no-track", "--json"], capture_output=True, text=True, timeout=600)
+    closed = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # --no-track must never reach it
+    common = ["--program", "vanilla", "--lm", str(tiny_model_dir), "--trainset",
+              str(data_dir / "hotpotqa" / "train.jsonl"), "--limit-train", "4", "--grpo-steps", "1", "--grpo-beta", "0"]
+    for optimizer, target, expected in [("bootstrap+grpo(nosuch:answer)", out, "stage grpo(nosuch): program has no module"),
+                                         ("grpo(generate_answer:answer)", tmp_path / "a-file" / "x", "cannot be written")]:
+        (tmp_path / "a-file").write_text("")
+        refused = subprocess.run([apexdsp, "compile", *common, "--optimizer", optimizer, "--out", str(target),
+                                  "--no-track"], capture_output=True, text=True, timeout=600, env=closed)
+        assert refused.returncode == 2 and expected in refused.stderr, refused.stderr[-2000:]
+        assert len(refused.stderr.strip().splitlines()) == 1 and refused.stderr.startswith("error: ")
+    result = subprocess.run([apexdsp, "compile", *common, "--optimizer", "grpo(generate_answer:answer)",
+                             "--out", str(out), "--no-track", "--json"], capture_output=True, text=True, timeout=600,
+                            env=closed)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["start_from"] == "uncompiled" and summary["stages"][0]["steps"] == 1
@@ -340,7 +384,7 @@ def test_weight_stages_alone_compile_the_uncompiled_program_from_the_command_lin
     assert manifest["program"] == "vanilla" and manifest["optimizer"]["start_from"] == "uncompiled"
     evaluated = subprocess.run([apexdsp, "evaluate", "--compiled", str(out), "--lm", str(tiny_model_dir),
                                 "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"), "--limit", "1",
-                                "--no-track", "--json"], capture_output=True, text=True, timeout=600)
+                                "--no-track", "--json"], capture_output=True, text=True, timeout=600, env=closed)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout)["n"] == 1
 
@@ -399,3 +443,31 @@ def test_grpo_with_the_engines_rollouts_trains_the_module(tiny_lm, tiny_model_di
         from apexdsp.optimizers.engine_rollout import sampling_params
 
         sampling_params(tiny_config(trl_overrides={"min_p": 0.1}).to_trl(tmp_path / "trl"))
+
+
+def test_mapgrpo_trains_two_modules_one_after_another(tiny_lm, paragraphs_index, tmp_path):
+    """OPERA's progressive schedule on a real APEX program: the planner, then the executor's analysis-answer
+    step on prompts collected by running the program with the trained planner; each module ends on its
+    own trained weights, each stage logs its reward curve."""
+    from apexdsp.programs.registry import build_program
+
+    records, retriever = paragraphs_index
+    program = build_program("apex", retriever=retriever, max_reflections=0, max_rewrites=0)
+    stages = parse_stages("mapgrpo", tiny_config(max_steps=1), program="apex")
+    assert [(s.module, s.resolved_reward()) for s in stages] == [
+        ("planner.write_plan", "decomposition"), ("executor.analyze", "answer"),
+        ("executor.rewrite", "frozen_generator")]
+    schedule = ProgressiveSchedule(stages[:2], tmp_path / "out", retriever=retriever)
+    trained = schedule.compile(program, trainset=records[:2])
+
+    weights = tmp_path / "out" / "weights"
+    assert trained.planner.write_plan.lm.engine.model_dir == (weights / "planner.write_plan").resolve()
+    assert trained.executor.analyze.lm.engine.model_dir == (weights / "executor.analyze").resolve()
+    assert trained.executor.rewrite.lm is None and program.planner.write_plan.lm is None  # others untouched
+    prompts = json.loads((tmp_path / "out" / "grpo" / "executor.analyze" / "prompts.json").read_text())["prompts"]
+    assert prompts and all(p["module"] == "executor.analyze" for p in prompts)
+    assert [r.module for r in schedule.results] == ["planner.write_plan", "executor.analyze"]
+    for result in schedule.results:
+        assert (tmp_path / "out" / "grpo" / result.module / "reward_curve.png").is_file()
+        metrics = mlflow.tracking.MlflowClient().get_run(result.run_id).data.metrics
+        assert "reward" in metrics

@@ -182,3 +182,21 @@ def test_all_gold_and_reciprocal_rank():
     assert reciprocal_rank(gold, retrieved, k=1) == 0.0
     assert reciprocal_rank(["y"], retrieved) == pytest.approx(1 / 3)
     assert reciprocal_rank(gold, []) == 0.0
+
+
+def test_paired_difference_counts_moves_and_brackets_the_mean():
+    from apexdsp.metrics.paired import paired_by_id, paired_difference
+
+    base = [0, 0, 1, 0, 1, 0, 0, 0, 1, 0] * 10
+    new = [1, 0, 1, 1, 1, 0, 1, 0, 0, 0] * 10  # 3 wins, 1 loss per ten questions
+    result = paired_difference(base, new, resamples=2000)
+    assert (result.wins, result.losses, result.n) == (30, 10, 100)
+    assert abs(result.difference - 0.2) < 1e-9 and result.base == 0.3 and result.new == 0.5
+    assert result.low < 0.2 < result.high and result.significant
+    same = paired_difference(base, base)
+    assert same.difference == same.low == same.high == 0 and not same.significant
+    noisy = paired_difference([0, 1, 0, 1], [1, 0, 1, 0])
+    assert noisy.low < 0 < noisy.high and not noisy.significant
+    assert paired_by_id({"a": 0, "b": 1, "c": 0}, {"b": 1, "c": 1, "d": 0}).n == 2
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference([1], [1, 0])

@@ -1,7 +1,8 @@
-"""Executor SFT: successful trajectories -> (prompt, completion) pairs -> trl.SFTTrainer -> the module's LM.
+"""Module SFT: annotated calls or successful trajectories -> (prompt, completion) ids -> trl.SFTTrainer.
 
 Runs on the tiny random-init Llama of ``test_grpo`` (SmolLM2's tokenizer and chat template); the
 trained model must put more probability on the imitated completions than the model it started from.
+Annotated calls are rebuilt over a real BM25 index of real HotpotQA and MuSiQue paragraphs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from apexdsp.lm.adapter import TolerantChatAdapter
 from apexdsp.lm.registry import get_lm
 from apexdsp.optimizers.module_prompts import format_messages
 from apexdsp.optimizers.sft import ModuleSFT, SFTExample, SFTStageConfig, collect_sft_examples
+from apexdsp.optimizers.sft_examples import tokenize_example
 from apexdsp.programs.base import QAProgram
 from apexdsp.programs.planner import Planner
 from tests.test_grpo import questions  # noqa: F401 - the shared fixture
@@ -43,19 +45,18 @@ def tiny_lm(tiny_model_dir):
         yield lm
 
 
-def completion_nll(model_dir, messages, completion) -> float:
-    """Mean negative log-likelihood of ``completion``'s tokens after the chat-formatted prompt."""
+def completion_nll(model_dir, example) -> float:
+    """Mean negative log-likelihood of an example's reply tokens in the context the engine sends."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids + target_ids])
+    row = tokenize_example(example, tokenizer)
+    ids = torch.tensor([row["input_ids"]])
+    mask = torch.tensor(row["completion_mask"][1:], dtype=torch.bool)
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1:-1]
-    return torch.nn.functional.cross_entropy(logits, torch.tensor(target_ids)).item()
+        logits = model(ids).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits[mask], ids[0, 1:][mask]).item()
 
 
 def test_collects_only_successful_runs_in_demo_format(tiny_lm, questions):  # noqa: F811
@@ -67,8 +68,9 @@ def test_collects_only_successful_runs_in_demo_format(tiny_lm, questions):  # no
     assert kept[0].completion.startswith("[[ ## plan ## ]]") and "[[ ## completed ## ]]" in kept[0].completion
     assert collect_sft_examples(program, questions[:2], modules=("planner",), reward="answer_em", min_reward=1.0,
                                 progress=False) == []
-    with pytest.raises(ApexError, match="no run reached answer_em >= 1.0"):
-        ModuleSFT("unused").compile(program, trainset=questions[:2], modules=("planner",), reward="answer_em")
+    with pytest.raises(ApexError, match=r"no usable example \(no run of 2 reached answer_em >= 1.0\)"):
+        ModuleSFT("unused", SFTStageConfig(source="traces"), modules=("planner",), reward="answer_em").compile(
+            program, trainset=questions[:2])
     with pytest.raises(ApexError, match="no predictor matches"):
         collect_sft_examples(program, questions[:1], modules=("executor",), progress=False)
 
@@ -83,15 +85,134 @@ def test_sft_trains_the_module_on_the_completions(tiny_lm, tiny_model_dir, quest
         plan = "1. Which entity does the question ask about?\n2. What is the answer about #1?"
         examples.append(SFTExample("planner.write_plan", messages,
                                    adapter.format_assistant_message_content(predictor.signature, {"plan": plan})))
-    config = SFTStageConfig(max_steps=6, batch_size=2, learning_rate=5e-3, save_steps=3)
-    optimizer = ModuleSFT(tmp_path / "out", config)
-    trained = optimizer.compile(program, examples=examples, modules=("planner",))
+    config = SFTStageConfig(max_steps=6, batch_size=2, learning_rate=5e-3, save_steps=3, train_layers=None)
+    optimizer = ModuleSFT(tmp_path / "out", config, modules=("planner",))
+    trained = optimizer.compile(program, examples=examples)
 
     weights = tmp_path / "out" / "weights" / "planner"
     assert trained.planner.write_plan.lm.engine.model_dir == weights.resolve()
     assert program.planner.write_plan.lm is None
-    before = completion_nll(tiny_model_dir, examples[0].messages, examples[0].completion)
-    after = completion_nll(weights, examples[0].messages, examples[0].completion)
+    before = completion_nll(tiny_model_dir, examples[0])
+    after = completion_nll(weights, examples[0])
     assert after < before - 0.5, (before, after)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert "metrics.loss" in runs.columns and runs["metrics.loss"].notna().any()
+
+
+def test_sft_ids_are_the_engines_prompt_then_the_reply(tiny_lm, tiny_model_dir, questions, tmp_path,  # noqa: F811
+                                                       monkeypatch):
+    """The trained sequence starts with the very ids the engine was sent for the call (prefilled header
+    continued, not a new turn), TRL keeps them as given, and the loss covers only the reply and its end."""
+    from apexdsp.lm.engine import LocalEngine
+
+    sent: list[list[int]] = []
+    real = LocalEngine.prompt_ids
+
+    def recording(self, request):
+        ids, shared = real(self, request)
+        sent.append(list(ids))
+        return ids, shared
+
+    monkeypatch.setattr(LocalEngine, "prompt_ids", recording)
+    monkeypatch.setattr(tiny_lm, "cache", False)
+    program = PlanAndAnswer()
+    program(question=questions[1].question)
+    adapter = TolerantChatAdapter()
+    predictor = program.planner.write_plan
+    example = SFTExample("planner.write_plan", format_messages(predictor, {"question": questions[1].question}, adapter),
+                         adapter.format_assistant_message_content(predictor.signature, {"plan": "1. Who?"}))
+    optimizer = ModuleSFT(tmp_path / "out", SFTStageConfig(max_steps=1, train_layers=1), modules=("planner",))
+    trainer = optimizer._trainer(tiny_model_dir, [example], tmp_path / "work")
+    row = trainer.train_dataset[0]
+    prompt_length = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    assert row["input_ids"][:prompt_length] == sent[0]
+    assert row["labels"][prompt_length:] == row["input_ids"][prompt_length:]
+    reply = trainer.processing_class.decode(row["input_ids"][prompt_length:])
+    # the rest of the reply, then the end of the turn
+    assert reply == example.completion.removeprefix("[[ ## plan ## ]]") + "<|im_end|>"
+    assert reply.startswith("\n1. Who?\n\n[[ ## completed ## ]]")
+
+
+def test_train_layers_leaves_the_lower_layers_as_they_were(tiny_lm, tiny_model_dir, questions, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    program = PlanAndAnswer()
+    adapter = TolerantChatAdapter()
+    predictor = program.planner.write_plan
+    examples = [SFTExample("planner.write_plan", format_messages(predictor, {"question": q.question}, adapter),
+                           adapter.format_assistant_message_content(predictor.signature, {"plan": "1. Who is it?"}))
+                for q in questions[:2]]
+    config = SFTStageConfig(max_steps=2, batch_size=2, learning_rate=1e-2, train_layers=1,
+                            mixed_precision="bf16")
+    optimizer = ModuleSFT(tmp_path / "out", config, modules=("planner",))
+    optimizer.compile(program, examples=examples)
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(tmp_path / "out" / "weights" / "planner" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.1.", "model.norm")) for k in changed), sorted(changed)
+    assert not (tmp_path / "out" / "sft" / "planner" / "checkpoints").exists()  # removed once the weights exist
+    assert optimizer.report["trainable_parameters"] > 0 and optimizer.report["seconds_per_100_examples"] > 0
+
+
+def test_annotated_reader_calls_are_supported_by_what_they_show(tiny_lm, paragraphs_index):
+    from apexdsp.optimizers.annotated_calls import AnnotatedReport, annotated_examples
+    from apexdsp.programs.question_forms import choice_options, is_yes_no_question
+    from apexdsp.programs.registry import build_program
+
+    records, retriever = paragraphs_index
+    hotpot = records[:30]
+    program = build_program("rag", retriever=retriever)
+    report = AnnotatedReport()
+    predictors = {"reader.generate": program.reader.generate}
+    examples = annotated_examples(program, hotpot, predictors, retriever=retriever, report=report)
+    by_id = {q.id: q for q in hotpot}
+    assert 5 <= len(examples) < len(hotpot)
+    for example in examples:
+        question = by_id[example.question_id]
+        assert not is_yes_no_question(question.question) and choice_options(question.question) is None
+        prompt = example.messages[-2]["content"]
+        assert question.question in prompt and question.answer in prompt  # the answer is shown
+        assert example.messages[-1] == {"role": "assistant", "content": "[[ ## answer ## ]]"}
+        assert example.completion.strip() == f"[[ ## answer ## ]]\n{question.answer}\n\n[[ ## completed ## ]]"
+    dropped = report.summary()["dropped"]
+    assert dropped.get("reader.generate/closed form (typed predictors)", 0) > 0
+    assert sum(report.kept.values()) + sum(dropped.values()) == len(hotpot)
+
+
+def test_annotated_executor_and_answer_step_calls_follow_the_gold_decomposition(tiny_lm, paragraphs_index):
+    from apexdsp.optimizers.annotated_calls import AnnotatedReport, annotated_examples, filled_steps
+    from apexdsp.programs.registry import build_program
+
+    records, retriever = paragraphs_index
+    musique = [r for r in records if r.decomposition][:10]
+    program = build_program("apex", retriever=retriever)
+    report = AnnotatedReport()
+    predictors = {"executor.analyze": program.executor.analyze, "answer_step.generate": program.answer_step.generate}
+    examples = annotated_examples(program, musique, predictors, retriever=retriever, report=report)
+    analyze = [e for e in examples if e.module == "executor.analyze"]
+    final = [e for e in examples if e.module == "answer_step.generate"]
+    assert analyze and final
+    first = musique[0]
+    steps = filled_steps(first)
+    assert "#" not in steps[-1][0] and steps[0][1] in steps[-1][0]  # "#1" became the first sub-answer
+    for example in analyze:
+        assert "[[ ## answered ## ]]\nyes" in example.completion
+    for example in final:
+        assert "[[ ## findings ## ]]" in example.messages[-2]["content"]
+
+
+def test_a_stage_the_program_cannot_run_is_refused_before_any_work(tiny_lm, paragraphs_index, tmp_path):
+    from apexdsp.optimizers.schedule import ProgressiveSchedule, parse_stages
+    from apexdsp.programs.registry import build_program
+
+    _, retriever = paragraphs_index
+    program = build_program("rag", retriever=retriever)
+    with pytest.raises(ApexError, match="stage sft\\(nosuch\\): no predictor matches"):
+        ProgressiveSchedule(parse_stages("sft(nosuch)"), tmp_path, retriever=retriever).check(program)
+    with pytest.raises(ApexError, match="stage grpo\\(nosuch\\): program has no module"):
+        ProgressiveSchedule(parse_stages("grpo(nosuch:answer)"), tmp_path, retriever=retriever).check(program)
+    with pytest.raises(ApexError, match="no calls to rebuild from annotations"):
+        ProgressiveSchedule(parse_stages("sft(reader.decide)"), tmp_path, retriever=retriever).check(program)
+    with pytest.raises(ApexError, match="needs the index"):
+        ProgressiveSchedule(parse_stages("sft(reader.generate)"), tmp_path).check(program)
+    ProgressiveSchedule(parse_stages("sft(reader.generate)"), tmp_path, retriever=retriever).check(program)

@@ -32,8 +32,9 @@ def register(app: typer.Typer) -> None:
 def compile_program(
     program: Annotated[str, typer.Option(help="Program name: rag, apex, opera, qagent, vanilla.")] = "apex",
     optimizer: Annotated[str, typer.Option(help=(
-        "Stages, '+'-separated: bootstrap, then calibrate or weight stages such as grpo(planner), "
-        "grpo(executor.analyze:answer), sft(executor); e.g. 'bootstrap+grpo(planner)'."))] = "bootstrap",
+        "Stages, '+'-separated: bootstrap, then calibrate or weight stages such as sft(reader.generate), "
+        "grpo(planner), grpo(executor.analyze:answer), or mapgrpo (the program's modules one after another); "
+        "e.g. 'bootstrap+sft(executor.analyze)+grpo(planner)'."))] = "bootstrap",
     index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
     trainset: Annotated[Path, typer.Option(help="Training questions JSONL.")] = Path(
         "../shared/data/hotpotqa/train.jsonl"),
@@ -64,6 +65,16 @@ def compile_program(
     grpo_beta: Annotated[float, typer.Option(min=0, help="GRPO KL weight (0 skips the reference model).")] = 0.04,
     grpo_lr: Annotated[float, typer.Option(min=0, help="GRPO learning rate.")] = 1e-5,
     grpo_seed: Annotated[int, typer.Option(help="Seed of GRPO's sampling and data order.")] = 0,
+    sft_source: Annotated[str, typer.Option(help=(
+        "SFT examples: annotated (calls rebuilt from the trainset's annotations over the index), traces (the "
+        "program's own successful runs) or annotated+traces."))] = "annotated",
+    sft_epochs: Annotated[float, typer.Option(min=0.01, help="SFT epochs over the examples.")] = 1.0,
+    sft_lr: Annotated[float, typer.Option(min=0, help="SFT learning rate.")] = 5e-5,
+    sft_layers: Annotated[int, typer.Option(min=0, help="SFT trains the top N decoder layers (0: every weight).")] = 8,
+    sft_max_examples: Annotated[Optional[int], typer.Option(min=1, help="SFT on at most N examples.")] = None,
+    mixed_precision: Annotated[str, typer.Option(help=(
+        "Weight stages: 'bf16' (bfloat16 autocast over float32 weights; fast on CPUs with native bfloat16) "
+        "or 'no'."))] = "no",
     option: Annotated[Optional[list[str]], typer.Option(
         "--option", "-o", help="Program option KEY=VALUE, repeatable (e.g. frozen_generator=smollm2-135m).")] = None,
     start_from: Annotated[Optional[Path], typer.Option(help=(
@@ -81,12 +92,21 @@ def compile_program(
     from apexdsp.programs.registry import build_program
     from apexdsp.runtime import configure_dspy
 
+    if not track:  # every stage, not only the summary run: nothing reaches MLflow
+        from apexdsp.tracking import disable_tracking
+
+        disable_tracking()
+    sft = sft_config(source=sft_source, epochs=sft_epochs, lr=sft_lr, layers=sft_layers,
+                     max_examples=sft_max_examples, mixed_precision=mixed_precision, seed=grpo_seed)
     if start_from is not None:
         _continue_compile(start_from, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index,
-                          lm=lm, stages=weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, start_from, grpo_seed),
+                          lm=lm, stages=weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, start_from, grpo_seed,
+                                                      sft=sft, mixed_precision=mixed_precision,
+                                                      program=_compiled_program_name(start_from)),
                           as_json=as_json)
         return
-    stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, seed=grpo_seed)
+    stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, seed=grpo_seed, sft=sft,
+                           mixed_precision=mixed_precision, program=program)
     options = program_options(option)
     if not bootstraps_first(optimizer):  # weight stages on the uncompiled program
         retriever = optional_retriever(index)
@@ -109,6 +129,11 @@ def compile_program(
         raise ApexError(f"{plan_demos}: no question has a gold decomposition (field 'decomposition')")
     retriever = optional_retriever(index)
     student = build_program(program, retriever=retriever, **options)
+    _check_out(out)
+    if stages:  # a stage naming a module the program lacks fails now, not after the bootstrap
+        from apexdsp.optimizers.schedule import ProgressiveSchedule
+
+        ProgressiveSchedule(stages, out, retriever=retriever).check(student)
     configure_dspy(lm=lm)
     # Finished phases are kept beside --out until the program is saved: a rerun after an interruption resumes.
     checkpoint = out.parent / f".{out.name}.checkpoint.json"
@@ -220,28 +245,39 @@ def bootstraps_first(optimizer: str) -> bool:
     return optimizer.split("+")[0].strip() == "bootstrap"
 
 
+def sft_config(*, source: str, epochs: float, lr: float, layers: int, max_examples: int | None,
+               mixed_precision: str, seed: int):
+    """The SFT stages' settings from the command's options (a bad value is one line naming it)."""
+    from apexdsp.optimizers.sft import SFTStageConfig
+
+    return SFTStageConfig(source=source, num_train_epochs=epochs, learning_rate=lr, train_layers=layers or None,
+                          max_examples=max_examples, mixed_precision=mixed_precision, seed=seed)  # type: ignore[arg-type]
+
+
 def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: float = 1e-5,
-                  start_from: Path | None = None, seed: int = 0) -> list:
+                  start_from: Path | None = None, seed: int = 0, sft=None, mixed_precision: str = "no",
+                  program: str | None = None) -> list:
     """The weight-training stages of ``--optimizer``: after ``bootstrap`` (none for plain ``bootstrap``),
     or all of it when continuing a compiled program (``start_from``), which must not bootstrap again."""
     from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
     from apexdsp.optimizers.schedule import parse_stages
 
     parts = [p.strip() for p in optimizer.split("+") if p.strip()]
-    config = ModuleGRPOConfig(max_steps=grpo_steps, beta=grpo_beta, learning_rate=grpo_lr, seed=seed)
+    config = ModuleGRPOConfig(max_steps=grpo_steps, beta=grpo_beta, learning_rate=grpo_lr, seed=seed,
+                              mixed_precision=mixed_precision)  # type: ignore[arg-type]
     if start_from is not None:
         if "bootstrap" in parts:
             raise ApexError(f"--optimizer {optimizer!r} with --start-from: {start_from} is already compiled; "
                             "name only weight stages (e.g. 'grpo(planner)')")
-        return parse_stages("+".join(parts), config)
+        return parse_stages("+".join(parts), config, sft, program)
     if "bootstrap" in parts[1:]:
         raise ApexError(f"--optimizer {optimizer!r}: 'bootstrap' is the prompt stage and comes first "
                         "(e.g. 'bootstrap+grpo(planner)')")
     if not bootstraps_first(optimizer):  # weight stages only, on the uncompiled program
-        return parse_stages("+".join(parts), config)
+        return parse_stages("+".join(parts), config, sft, program)
     if len(parts) == 1:
         return []
-    return parse_stages("+".join(parts[1:]), config)
+    return parse_stages("+".join(parts[1:]), config, sft, program)
 
 
 def _continue_compile(start_from: Path, optimizer: str, *, out: Path, trainset: Path, limit_train: int | None,
@@ -270,10 +306,12 @@ def _train_weights(program, optimizer: str, *, out: Path, trainset: Path, limit_
     from apexdsp.runtime import configure_dspy
 
     train = require_questions(trainset, limit_train)
-    configure_dspy(lm=lm)
-    started = time.perf_counter()
+    _check_out(out)
     schedule = ProgressiveSchedule(stages, out.parent / f".{out.name}.stages", retriever=retriever,
                                    experiment=COMPILE_EXPERIMENT)
+    schedule.check(program)
+    configure_dspy(lm=lm)
+    started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         compiled = schedule.compile(program, trainset=train)
     seconds = time.perf_counter() - started
@@ -292,13 +330,31 @@ def _train_weights(program, optimizer: str, *, out: Path, trainset: Path, limit_
         console.print(summary)
 
 
+def _compiled_program_name(folder: Path) -> str:
+    from apexdsp.optimizers.compiled import read_manifest
+
+    return read_manifest(folder).program
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder that can be created and written, checked before any slow work."""
+    import os
+
+    out = out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise ApexError(f"--out {out} is a file; give a folder for the compiled program")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ApexError(f"--out {out}: {parent} cannot be written; choose a folder you can write to")
+
+
 def _stage_summary(result) -> dict:
     """What the manifest keeps of one stage (GRPO result, SFT examples or the choice calibration)."""
     from apexdsp.optimizers.calibration import CalibrationReport
 
     if isinstance(result, CalibrationReport):
         return {"kind": "calibrate", **result.model_dump()}
-    if isinstance(result, list):
-        return {"kind": "sft", "examples": len(result)}
+    if hasattr(result, "examples") and hasattr(result, "report"):  # a ModuleSFT
+        return {"kind": "sft", "modules": list(result.modules), **result.report}
     return {"kind": "grpo", "module": result.module, "steps": result.steps, "seconds": round(result.seconds, 1),
             "reward_first": result.reward_first, "reward_last": result.reward_last, "timing": result.timing}

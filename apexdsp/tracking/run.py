@@ -86,6 +86,68 @@ class TrackedRun:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+class UntrackedRun(TrackedRun):
+    """What :func:`tracked_run` yields while tracking is off: the same calls, and nothing is sent to MLflow
+    (the callers write their results to local files first, so nothing is lost)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    @property
+    def run_id(self) -> None:  # type: ignore[override]
+        return None
+
+    @property
+    def experiment_id(self) -> None:  # type: ignore[override]
+        return None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        pass
+
+    def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+
+_tracking_off = False
+
+
+@contextlib.contextmanager
+def tracking_disabled(disabled: bool = True) -> Iterator[None]:
+    """Within this block (``disabled``), :func:`tracked_run` opens no MLflow run and touches no store: what
+    ``--no-track`` and a spec's ``track = false`` mean for every stage of a command."""
+    global _tracking_off
+    previous, _tracking_off = _tracking_off, _tracking_off or disabled
+    try:
+        yield
+    finally:
+        _tracking_off = previous
+
+
+def disable_tracking() -> None:
+    """Turn tracking off for the rest of this process (a command run with ``--no-track``)."""
+    global _tracking_off
+    _tracking_off = True
+
+
+def tracking_enabled() -> bool:
+    return not _tracking_off
+
+
 @contextlib.contextmanager
 def tracked_run(
     experiment: str,
@@ -99,6 +161,9 @@ def tracked_run(
 
     ``data_files`` is ``{role: path}`` (or a list, roles ``data_0``...) and logs each path and its hash.
     """
+    if _tracking_off:
+        yield UntrackedRun()
+        return
     import mlflow
 
     experiment_id = ensure_experiment(experiment)
