@@ -7,13 +7,10 @@ say not only *what* was answered but *why*.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import dspy
@@ -21,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from apexdsp.data.examples import to_examples
 from apexdsp.data.records import Question
+from apexdsp.eval_checkpoint import EvalCheckpoint, ProgressWriteError
 from apexdsp.metrics import answer_hit, exact_match, f1, supporting_title_recall
 from apexdsp.programs.trajectory import Trajectory
 
@@ -108,81 +106,56 @@ def _plan_counts(trajectory: Trajectory | None) -> dict[str, int]:
             "parse_failures": len(trajectory.parse_failures)}
 
 
-class EvalCheckpoint:
-    """Scored questions appended to a JSONL file as they finish, so an interrupted evaluation resumes.
-
-    Each line is one :class:`QuestionResult` with the run segment that wrote it and the seconds since that
-    segment started; a rerun skips the questions found there and adds the segments' times to its own. A
-    line cut off by a kill is ignored (that question runs again). A question whose program raised is not
-    written: it is tried again on resume.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.done: dict[str, QuestionResult] = {}
-        self.previous_seconds = 0.0
-        self._lock = threading.Lock()
-        self.segment = 0
-        if self.path.is_file():
-            self._read()
-            with self.path.open("rb+") as handle:  # end a line cut off by a kill, so new rows start clean
-                if handle.seek(0, os.SEEK_END) and (handle.seek(-1, os.SEEK_END), handle.read(1))[1] != b"\n":
-                    handle.write(b"\n")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def _read(self) -> None:
-        segment_seconds: dict[int, float] = {}
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                result = QuestionResult(**row["result"])
-            except (ValueError, KeyError, TypeError):
-                continue  # the last line of a killed run
-            self.done[result.id] = result
-            segment = int(row.get("segment", 0))
-            segment_seconds[segment] = max(segment_seconds.get(segment, 0.0), float(row.get("at", 0.0)))
-        self.previous_seconds = sum(segment_seconds.values())
-        self.segment = max(segment_seconds, default=-1) + 1
-
-    def add(self, result: QuestionResult, at: float) -> None:
-        line = json.dumps({"segment": self.segment, "at": round(at, 3), "result": result.model_dump()})
-        with self._lock, self.path.open("a") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
 def evaluate_program(program: dspy.Module, questions: list[Question], *, threads: int = 8,
                      retrieves: bool = True, progress: bool = True,
-                     checkpoint: str | os.PathLike[str] | None = None) -> EvalReport:
+                     checkpoint: str | os.PathLike[str] | EvalCheckpoint | None = None,
+                     provenance: dict[str, Any] | None = None) -> EvalReport:
     """Run ``program`` on every question with ``threads`` workers and score the answers.
 
     This is ``dspy.Evaluate``'s own executor (``ParallelExecutor``: DSPy settings propagated into each
     thread, a progress bar, errors counted rather than fatal), used directly for one reason: ``Evaluate``
     resubmits any question still running after 120 s, and a multi-hop agent on a busy 2-core machine can
     take that long, so the same question would be decoded twice. ``timeout=0`` turns that off.
-    ``checkpoint``: a JSONL file of finished questions (:class:`EvalCheckpoint`); an evaluation that is
-    killed and run again with the same file runs only the questions it had not finished.
+    ``checkpoint``: a progress file of finished questions, or an :class:`EvalCheckpoint` already opened
+    (and checked against ``provenance``); an evaluation that is killed and run again with the same file
+    runs only the questions it had not finished. A question whose program raised counts as a failure; a
+    row that cannot be written stops the evaluation with :class:`ProgressWriteError`.
     """
     from dspy.utils.parallelizer import ParallelExecutor
 
     from apexdsp.lm.registry import local_engine_stats
 
     lm_before = local_engine_stats()
-    saved = EvalCheckpoint(Path(checkpoint)) if checkpoint is not None else None
+    saved = (checkpoint if isinstance(checkpoint, EvalCheckpoint) or checkpoint is None
+             else EvalCheckpoint(checkpoint, provenance))
     todo = [q for q in questions if saved is None or q.id not in saved.done]
-    started = time.perf_counter()
-
-    def run_one(question: Question) -> QuestionResult:
-        prediction = program(**to_examples([question])[0].inputs())
-        result = score_question(question, prediction, retrieves)
-        if saved is not None:
-            saved.add(result, time.perf_counter() - started)
-        return result
-
     executor = ParallelExecutor(num_threads=threads, max_errors=len(todo) + 1,
                                 disable_progress_bar=not progress, provide_traceback=False, timeout=0)
-    finished = dict(zip((q.id for q in todo), executor.execute(run_one, todo) if todo else [], strict=True))
+    write_errors: list[ProgressWriteError] = []
+    started = time.perf_counter()
+
+    def run_one(question: Question) -> QuestionResult | None:
+        if write_errors:
+            return None  # the run is stopping: start no more questions
+        prediction = program(**to_examples([question])[0].inputs())
+        result = score_question(question, prediction, retrieves)
+        if saved is not None and not write_errors:
+            try:
+                saved.add(result, time.perf_counter() - started)
+            except ProgressWriteError as error:
+                write_errors.append(error)
+                executor.cancel_jobs.set()
+        return result
+
+    try:
+        outputs = executor.execute(run_one, todo) if todo else []
+    except Exception:
+        if write_errors:
+            raise write_errors[0] from None
+        raise
+    if write_errors:
+        raise write_errors[0]
+    finished = dict(zip((q.id for q in todo), outputs, strict=True))
     attempt_seconds = time.perf_counter() - started
     seconds = attempt_seconds + (saved.previous_seconds if saved else 0.0)
     # Results keep devset order; a question whose program raised comes back as None and scores as such.

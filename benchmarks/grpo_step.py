@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                               beta=args.beta, num_threads=args.threads, resume=False,
                               mixed_precision=args.mixed_precision, rollout_engine=args.rollout_engine)
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as out:
-        optimizer = ModuleGRPO(out, config, retriever=retriever)
+        optimizer = ModuleGRPO(out, config, module=args.module,
+                               reward=args.reward or DEFAULT_MODULE_REWARDS[args.module], retriever=retriever)
         started = time.perf_counter()
-        optimizer.compile(program, trainset=questions, module=args.module,
-                          reward=args.reward or DEFAULT_MODULE_REWARDS[args.module])
+        optimizer.compile(program, trainset=questions)
         total = time.perf_counter() - started
     result = optimizer.result
     figures = {"program": args.program, "module": args.module, "lm": args.lm, "prompts_per_step": args.prompts,

@@ -38,7 +38,7 @@ SPEC = """\
 # The quickstart experiment, written by `apexdsp quickstart` (edit and re-run with `apexdsp run` on this file).
 name = "quickstart"
 experiment = "quickstart"
-description = "apex on a HotpotQA slice: uncompiled / bootstrap / bootstrap+grpo(planner)"
+description = "apex on a HotpotQA slice: uncompiled / bootstrap / +sft(executor.analyze) / +grpo(planner)"
 seed = 0
 
 [data]
@@ -67,6 +67,14 @@ kind = "bootstrap"
 num_candidates = 1
 max_demos = 2
 
+# APEX-Searcher's executor SFT: the analysis-answer step imitates calls rebuilt from the training questions'
+# annotations over this index (answer shown in the passages), top 8 layers, bfloat16 math
+[[optimizer.stages]]
+kind = "sft"
+[optimizer.stages.settings]
+modules = ["executor.analyze"]
+mixed_precision = "bf16"
+
 [[optimizer.stages]]
 kind = "grpo"
 [optimizer.stages.settings]
@@ -79,7 +87,7 @@ rollout_engine = "apexdsp"  # completions from the local engine's decoder: 30% l
 
 [evaluation]
 metrics = ["em", "f1", "hit", "recall", "decomposition"]
-threads = 16  # rows decoded together: a 16-row step is cheaper per token than an 8-row one (RESULTS.md, batch scaling)
+threads = 16  # rows decoded together: a 16-row step is cheaper per token than an 8-row one (docs/notes/lm-engine.md)
 """
 
 

@@ -46,7 +46,7 @@ BOOTSTRAP_CHECKPOINT = "bootstrap.checkpoint.json"  # in the compile step's fold
 # Trainer settings that change how a stage runs, not what it computes (checkpointing, logging, threads,
 # micro-batches that accumulate to the same step).
 TRAINER_EXECUTION_SETTINGS = frozenset({"save_steps", "save_total_limit", "logging_steps", "resume", "num_threads",
-                                        "micro_batch_size", "gradient_checkpointing"})
+                                        "micro_batch_size", "gradient_checkpointing", "keep_checkpoints"})
 
 
 @dataclass(frozen=True)
@@ -237,14 +237,14 @@ def _trainer_stage(kind: str, program: Any, settings: dict[str, Any], context: S
     config_class = import_optimizer(STAGE_KINDS[kind].config, kind)
     call = {k: v for k, v in settings.items() if k in _GRPO_CALL}
     config = config_class(**{"seed": context.seed, **{k: v for k, v in settings.items() if k not in _GRPO_CALL}})
-    optimizer = optimizer_class(context.work_dir, config, retriever=context.retriever)
     if kind == "grpo":  # no reward named: the module's default (decomposition for a planner, ...)
         from apexdsp.optimizers.schedule import Stage
 
         call["reward"] = Stage("grpo", call["module"], call.get("reward")).resolved_reward()
     else:
         call.setdefault("reward", "answer_f1")
-    compiled = optimizer.compile(program, trainset=context.trainset, valset=context.valset or None, **call)
+    optimizer = optimizer_class(context.work_dir, config, retriever=context.retriever, **call)
+    compiled = optimizer.compile(program, trainset=context.trainset, valset=context.valset or None)
     result = getattr(optimizer, "result", None)
     if result is not None:
         figures = {k: v for k, v in vars(result).items() if k in ("steps", "prompts", "seconds", "reward_first",

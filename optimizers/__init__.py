@@ -1,1 +1,55 @@
-"""apexdsp.optimizers"""
+"""apexdsp.optimizers: DSPy optimizers (``Teleprompter``\\ s) that compile apexdsp programs, and the saved form.
+
+Every optimizer takes its settings in ``__init__`` and answers DSPy's ``compile(student, *, trainset,
+valset=None, teacher=None)``, returning a new program (the student is never modified):
+
+* :class:`RewardBootstrap` (:class:`BootstrapConfig`): reward-gated few-shot demos, chosen on a valset;
+* :class:`ChoiceCalibration`: the offsets of the yes/no and A/B answer steps;
+* :class:`ModuleSFT` (:class:`SFTStageConfig`): supervised fine-tuning of some modules' LM, on calls rebuilt
+  from annotations or on the program's own successful runs;
+* :class:`ModuleGRPO` (:class:`ModuleGRPOConfig`): GRPO of one module's LM on that module's reward;
+* :class:`ProgressiveSchedule` (:class:`Stage`, :func:`parse_stages`): weight stages one after another
+  (OPERA's MAPGRPO, QAgent's two stages).
+
+:func:`save_compiled` / :func:`load_compiled` write and read a compiled program (JSON state plus one
+safetensors folder per trained module). Imported lazily: importing this package loads neither torch nor TRL.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apexdsp.optimizers.bootstrap import RewardBootstrap
+    from apexdsp.optimizers.calibration import ChoiceCalibration
+    from apexdsp.optimizers.compiled import load_compiled, save_compiled
+    from apexdsp.optimizers.config import BootstrapConfig
+    from apexdsp.optimizers.grpo import ModuleGRPO
+    from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
+    from apexdsp.optimizers.schedule import ProgressiveSchedule, Stage, parse_stages
+    from apexdsp.optimizers.sft import ModuleSFT, SFTStageConfig
+
+_LAZY = {
+    "RewardBootstrap": "apexdsp.optimizers.bootstrap",
+    "BootstrapConfig": "apexdsp.optimizers.config",
+    "ChoiceCalibration": "apexdsp.optimizers.calibration",
+    "ModuleGRPO": "apexdsp.optimizers.grpo",
+    "ModuleGRPOConfig": "apexdsp.optimizers.grpo_config",
+    "ModuleSFT": "apexdsp.optimizers.sft",
+    "SFTStageConfig": "apexdsp.optimizers.sft",
+    "ProgressiveSchedule": "apexdsp.optimizers.schedule",
+    "Stage": "apexdsp.optimizers.schedule",
+    "parse_stages": "apexdsp.optimizers.schedule",
+    "save_compiled": "apexdsp.optimizers.compiled",
+    "load_compiled": "apexdsp.optimizers.compiled",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'apexdsp.optimizers' has no attribute {name!r}")

@@ -18,7 +18,9 @@ classes, by identity, never by a signature's name):
   by the gold sub-answers; else the whole question as a one-step plan) and the passages searched with it
   -> its answer, ``answered: yes``;
 * :class:`~apexdsp.programs.answer.AnswerStep` ``.generate`` (APEX, OPERA): the question, the findings
-  of a gold decomposition and the passages its sub-questions retrieve -> the gold answer.
+  of a gold decomposition and the passages its sub-questions retrieve -> the gold answer;
+* :class:`~apexdsp.programs.planner.Planner` ``.write_plan``: the question -> its gold decomposition
+  written as the planner writes plans (MuSiQue; no search, so nothing to check it against).
 
 Yes/no and "X or Y" questions go to the typed predictors at inference, so the open predictors skip them.
 """
@@ -41,6 +43,7 @@ from apexdsp.optimizers.sft_examples import SFTExample
 from apexdsp.programs.answer import AnswerStep, PassageReader
 from apexdsp.programs.evidence import format_passages, fuse
 from apexdsp.programs.executor import Executor, findings_text
+from apexdsp.programs.planner import Planner
 from apexdsp.programs.question_forms import choice_options, is_yes_no_question
 from apexdsp.programs.trajectory import SubGoalRecord
 
@@ -65,7 +68,7 @@ class AnnotatedReport:
 class _Call:
     inputs: dict[str, Any]
     outputs: dict[str, Any]
-    support: str  # the text that must contain the target
+    support: str | None  # the text that must contain the answer (None: a call with no answer to support)
 
 
 Synthesizer = Callable[[Any, Any, Question], "tuple[list[_Call], str | None]"]
@@ -136,11 +139,23 @@ def _answer_step_calls(program: Any, step: AnswerStep, question: Question, retri
                   {"answer": question.answer}, f"{findings}\n{passages}")], None
 
 
+def _planner_calls(program: Any, planner: Planner, question: Question, retriever: Any):
+    from apexdsp.optimizers.demos import gold_plan_text
+
+    if not question.decomposition:
+        return [], "no decomposition"
+    plan = gold_plan_text(question)
+    if plan is None or len(question.decomposition) > planner.max_steps:
+        return [], "decomposition not writable as a plan"
+    return [_Call({"question": question.question}, {"plan": plan}, None)], None
+
+
 # (owner module class, predictor attribute) -> how its calls are rebuilt
 SYNTHESIZERS: dict[tuple[type, str], Callable[..., tuple[list[_Call], str | None]]] = {
     (PassageReader, "generate"): _reader_calls,
     (Executor, "analyze"): _analyze_calls,
     (AnswerStep, "generate"): _answer_step_calls,
+    (Planner, "write_plan"): _planner_calls,
 }
 
 
@@ -184,8 +199,7 @@ def annotated_examples(program: dspy.Module, trainset: list[Any], predictors: di
             if skipped:
                 report.dropped[(name, skipped)] += 1
             for call in calls:
-                target = call.outputs.get("answer", "")
-                if not answer_hit(target, call.support):
+                if call.support is not None and not answer_hit(call.outputs.get("answer", ""), call.support):
                     report.dropped[(name, "answer not in the prompt")] += 1
                     continue
                 completion = adapter.format_assistant_message_content(predictor.signature, call.outputs)

@@ -87,7 +87,7 @@ class BootstrapConfig(BaseModel):
     allow_zero_shot: bool = Field(False, description="let the zero-shot program win the selection")
     calibrate_choices: bool = Field(False, description=(
         "fit the yes/no and A/B steps' offsets on the trainset after selection (optimizers.calibration); "
-        "off by default: with SmolLM2-135M it removed the position bias but did not raise dev EM (RESULTS.md)"))
+        "off by default: with SmolLM2-135M it removed the position bias but did not raise dev EM (docs/notes/programs-and-bootstrap.md)"))
     seed: int = Field(0, description="seed of the candidate sampling")
     threads: int = Field(8, ge=1, description="concurrent questions (the LM batches them)")
     progress: bool = Field(True, description="show progress bars")

@@ -18,6 +18,7 @@ are renamed into place only when complete. Groups in which every completion scor
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,24 +70,38 @@ class ModuleGRPO(Teleprompter):
     the trained model). ``retriever`` is handed to rewards that search (decomposition, frozen generator).
     """
 
-    def __init__(self, out_dir: str | Path, config: ModuleGRPOConfig | None = None, *, retriever: Any = None,
-                 experiment: str = COMPILE_EXPERIMENT, collector: ModulePromptCollector | None = None):
+    def __init__(self, out_dir: str | Path, config: ModuleGRPOConfig | None = None, *, module: str,
+                 reward: str | ModuleReward | Any, reward_options: dict[str, Any] | None = None,
+                 name: str | None = None, retriever: Any = None, experiment: str = COMPILE_EXPERIMENT,
+                 collector: ModulePromptCollector | None = None):
+        """``module``: the predictor (or the sub-module with one predictor) whose LM is trained; ``reward``:
+        a module reward name (``optimizers.module_rewards.MODULE_REWARDS``), a ``ModuleReward``, or a
+        function ``(question, outputs, completion_text) -> float``; ``name``: the weights folder's name."""
         super().__init__()
         self.out_dir = Path(out_dir)
         self.config = config or ModuleGRPOConfig()
+        self.module = module
+        self.reward = reward
+        self.reward_options = dict(reward_options or {})
+        self.name = name
         self.retriever = retriever
         self.experiment = experiment
         self.collector = collector
         self.result: GRPOResult | None = None
 
-    def compile(self, student: dspy.Module, *, trainset: list[Any], module: str,
-                reward: str | ModuleReward | Any, config: ModuleGRPOConfig | None = None,
-                reward_options: dict[str, Any] | None = None, name: str | None = None,
-                teacher: Any = None, valset: Any = None) -> dspy.Module:
-        """A copy of ``student`` whose ``module`` calls the GRPO-trained LM (``name``: weights folder name)."""
-        config = config or self.config
+    def get_params(self) -> dict[str, Any]:
+        """The settings as plain values (no retriever, collector or reward objects)."""
+        reward = self.reward if isinstance(self.reward, str) else getattr(self.reward, "name", type(self.reward).__name__)
+        return {"out_dir": str(self.out_dir), "module": self.module, "reward": reward, "name": self.name,
+                "experiment": self.experiment, **_prefixed(self.config.to_dict())}
+
+    def compile(self, student: dspy.Module, *, trainset: list[Any], teacher: Any = None,
+                valset: Any = None) -> dspy.Module:
+        """A copy of ``student`` whose module calls the GRPO-trained LM."""
+        config = self.config
+        reward, reward_options, name = self.reward, self.reward_options, self.name
         program = copy_program(student)
-        module, predictor = find_predictor(program, module)
+        module, predictor = find_predictor(program, self.module)
         config = completion_length_for(config, predictor)
         base_lm = module_lm(predictor)
         base_dir = trainable_model_dir(base_lm, module)  # fails here, before any slow work, for an API model
@@ -127,6 +142,8 @@ class ModuleGRPO(Teleprompter):
                         "lora_merged": config.use_lora}
             save_trained_weights(trainer.model, trainer.processing_class, target, manifest)
             run.log_json(manifest, f"weights/{name}/{target.name}-manifest.json")
+        if not config.keep_checkpoints:  # the weights are saved: the checkpoints only cost disk from here
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)
         del trainer
         release_memory()  # the trainer's model, optimizer state and cycles: 3 GB on SmolLM2 (apexdsp.memory)
         use_trained_lm([predictor], target, base_lm)

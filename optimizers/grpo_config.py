@@ -89,6 +89,7 @@ class ModuleGRPOConfig(LoraOptions):
     logging_steps: int = 1
     save_steps: int = 10  # checkpoints an interrupted run resumes from
     save_total_limit: int = 2
+    keep_checkpoints: bool = False  # checkpoints are removed once the trained weights are saved
     resume: bool = True
     zero_std_warning: float = 0.95  # warn when this share of groups (or more) carries no learning signal
     # Where it runs

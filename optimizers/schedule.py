@@ -192,9 +192,10 @@ class ProgressiveSchedule(Teleprompter):
         reward_options = dict(stage.reward_options)
         if stage.resolved_reward() == "search_answer" and "reader" not in reward_options:
             reward_options["reader"] = _own_reader(program)
-        grpo = ModuleGRPO(self.out_dir, stage.grpo, retriever=self.retriever, experiment=self.experiment)
-        trained = grpo.compile(program, trainset=trainset, module=stage.module, reward=stage.resolved_reward(),
-                               reward_options=reward_options, name=stage.label)
+        grpo = ModuleGRPO(self.out_dir, stage.grpo, module=stage.module, reward=stage.resolved_reward(),
+                          reward_options=reward_options, name=stage.label, retriever=self.retriever,
+                          experiment=self.experiment)
+        trained = grpo.compile(program, trainset=trainset)
         self.results.append(grpo.result)
         return trained
 

@@ -93,3 +93,20 @@ def paragraphs_index(data_dir):
                 seen.add(paragraph.title)
                 passages.append(Passage(id=f"p{len(passages)}", title=paragraph.title, text=paragraph.text))
     return records, BM25Retriever(Corpus(passages))
+
+
+@pytest.fixture
+def engine_prompts(monkeypatch):
+    """The prompt ids every local engine is sent during the test, in order (the real engine, recorded)."""
+    from apexdsp.lm.engine import LocalEngine
+
+    sent: list[list[int]] = []
+    real = LocalEngine.prompt_ids
+
+    def recording(self, request):
+        ids, shared = real(self, request)
+        sent.append(list(ids))
+        return ids, shared
+
+    monkeypatch.setattr(LocalEngine, "prompt_ids", recording)
+    return sent

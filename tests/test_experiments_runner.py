@@ -234,6 +234,7 @@ prompts_per_step = 2
 num_generations = 2
 max_completion_length = 12
 save_steps = 1
+keep_checkpoints = true
 micro_batch_size = 1  # each step as four passes of one sequence, accumulated
 beta = 0.0
 learning_rate = 1e-3
@@ -286,3 +287,40 @@ def test_a_grpo_stage_trains_its_module_and_the_next_evaluation_runs_the_trained
     (cache / trained.key / "result.json").unlink()
     assert runner.state(step).startswith("in progress: checkpoint at step 2 of 2, ")
     assert runner.state(step).endswith("min of work in 1 attempt")
+
+
+SFT_STAGE = """after = ["labeled+sft"]
+
+[lm]
+default = "{model}"
+
+[[optimizer.stages]]
+kind = "sft"
+[optimizer.stages.settings]
+modules = ["reader.generate"]
+max_steps = 2
+batch_size = 2
+train_layers = 1
+learning_rate = 1e-3
+"""
+
+
+def test_an_sft_stage_with_tracking_off_trains_the_reader_on_annotated_calls(tmp_path, data_dir, tiny_model_dir,
+                                                                            monkeypatch):
+    """``track = false`` reaches the weight stage too (the tracking URI is a closed port), and the SFT stage
+    rebuilds the reader's calls from the training questions' annotations over the spec's index."""
+    spec_path = write_tiny_experiment(tmp_path / "spec", data_dir, name="tiny-sft", experiment="tiny-sft",
+                                      extra=SFT_STAGE.format(model=tiny_model_dir))
+    spec_path.write_text(spec_path.read_text().replace('experiment = "tiny-sft"', 'experiment = "tiny-sft"\ntrack = false'))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")
+    cache = tmp_path / "cache"
+    summary = runner_for(spec_path, cache).run()
+    assert summary.parent_run_id is None
+    assert [(s.kind, s.label, s.status) for s in summary.steps][-2:] == [
+        ("compile", "labeled+sft", "computed"), ("evaluate", "labeled+sft", "computed")]
+    trained = summary.steps[-2]
+    assert trained.metrics["sft_examples"] >= 1
+    manifest = json.loads((cache / trained.key / "program" / "apexdsp-compiled.json").read_text())
+    assert {name: b["weights"] for name, b in manifest["modules"].items() if b.get("weights")} == {
+        "reader.generate": "weights/reader.generate"}

@@ -83,20 +83,10 @@ def test_prompts_are_what_dspy_sends(tiny_lm, questions):
     assert 0 < shared < len(ids) - 10  # the system turn is shared; the question and the prefill are not
 
 
-def test_trl_tokenizes_the_prompt_the_engine_sends(tiny_lm, questions, tmp_path, monkeypatch):
+def test_trl_tokenizes_the_prompt_the_engine_sends(tiny_lm, questions, tmp_path, monkeypatch, engine_prompts):
     """TRL's own prompt tokenization (``GRPOTrainer._tokenize_prompts``, which both rollout paths use) gives
     the very ids the local engine was sent when the module ran, prefilled reply included."""
-    from apexdsp.lm.engine import LocalEngine
-
-    sent: list[list[int]] = []
-    real = LocalEngine.prompt_ids
-
-    def recording(self, request):
-        ids, shared = real(self, request)
-        sent.append(list(ids))
-        return ids, shared
-
-    monkeypatch.setattr(LocalEngine, "prompt_ids", recording)
+    sent = engine_prompts
     monkeypatch.setattr(tiny_lm, "cache", False)  # the call must reach the engine
     program = PlanOnly()
     program(question=questions[0].question)
@@ -104,7 +94,7 @@ def test_trl_tokenizes_the_prompt_the_engine_sends(tiny_lm, questions, tmp_path,
     prompts = ModulePromptCollector("planner", progress=False).collect(program, questions[:1])
     signature = program.planner.write_plan.signature
     reward = TRLRewardFunction(DecompositionModuleReward(), prompts, signature, TolerantChatAdapter())
-    optimizer = ModuleGRPO(tmp_path / "out", tiny_config())
+    optimizer = ModuleGRPO(tmp_path / "out", tiny_config(), module="planner", reward="decomposition")
     trainer, _ = optimizer._trainer(tiny_config(), tiny_lm.engine.model_dir, prompts, reward, tmp_path / "work",
                                     "planner.write_plan")
     trl_ids, _, _ = trainer._tokenize_prompts([trainer.train_dataset[0]["prompt"]])
@@ -200,8 +190,8 @@ def test_answer_reward_uses_the_matching_gold_step():
 
 def test_grpo_trains_the_module_and_logs_to_mlflow(tiny_lm, tiny_model_dir, questions, tmp_path):
     student = PlanOnly()
-    optimizer = ModuleGRPO(tmp_path / "out", tiny_config())
-    trained = optimizer.compile(student, trainset=questions, module="planner", reward="decomposition")
+    optimizer = ModuleGRPO(tmp_path / "out", tiny_config(), module="planner", reward="decomposition")
+    trained = optimizer.compile(student, trainset=questions)
     result = optimizer.result
 
     weights = tmp_path / "out" / "weights" / "planner.write_plan"
@@ -230,8 +220,8 @@ def test_grpo_trains_the_module_and_logs_to_mlflow(tiny_lm, tiny_model_dir, ques
 def test_bf16_mixed_precision_trains_float32_weights(tiny_lm, questions, tmp_path):
     config = tiny_config(mixed_precision="bf16")
     assert config.to_trl(tmp_path / "trl").bf16  # TRL's autocast switch, with the model left in float32
-    optimizer = ModuleGRPO(tmp_path / "out", config)
-    optimizer.compile(PlanOnly(), trainset=questions, module="planner", reward="decomposition")
+    optimizer = ModuleGRPO(tmp_path / "out", config, module="planner", reward="decomposition")
+    optimizer.compile(PlanOnly(), trainset=questions)
 
     weights = load_file(optimizer.result.weights / "model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
@@ -251,7 +241,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_lm, questions, tmp_pat
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        ModuleGRPO(out, tiny_config()).compile(PlanOnly(), trainset=questions, module="planner", reward=interrupting)
+        ModuleGRPO(out, tiny_config(), module="planner", reward=interrupting).compile(PlanOnly(), trainset=questions)
     assert (out / "grpo" / "planner.write_plan" / "checkpoints" / "checkpoint-1").is_dir()
     assert not (out / "weights" / "planner.write_plan").exists()  # nothing half-written
 
@@ -261,8 +251,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_lm, questions, tmp_pat
         steps.append(1)
         return float(len(completion) % 3)
 
-    optimizer = ModuleGRPO(out, tiny_config())
-    optimizer.compile(PlanOnly(), trainset=questions, module="planner", reward=counting)
+    optimizer = ModuleGRPO(out, tiny_config(), module="planner", reward=counting)
+    optimizer.compile(PlanOnly(), trainset=questions)
     assert optimizer.result.steps == 2
     assert len(steps) == 4  # only step 2 was run again: step 1 came from the checkpoint
     saved = json.loads((out / "grpo" / "planner.write_plan" / "result.json").read_text())
@@ -270,8 +260,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_lm, questions, tmp_pat
 
 
 def test_constant_reward_is_reported_as_no_signal(tiny_lm, questions, tmp_path):
-    optimizer = ModuleGRPO(tmp_path / "out", tiny_config(max_steps=1))
-    optimizer.compile(PlanOnly(), trainset=questions, module="planner", reward=lambda q, out, text: 1.0)
+    optimizer = ModuleGRPO(tmp_path / "out", tiny_config(max_steps=1), module="planner", reward=lambda q, out, text: 1.0)
+    optimizer.compile(PlanOnly(), trainset=questions)
     result = optimizer.result
     assert result.zero_std["zero_std/mean_fraction"] == 1.0
     assert result.warnings and "no learning signal" in result.warnings[0]
@@ -281,8 +271,8 @@ def test_constant_reward_is_reported_as_no_signal(tiny_lm, questions, tmp_path):
 
 def test_nan_reward_stops_training_with_a_clear_error(tiny_lm, questions, tmp_path):
     with pytest.raises(RewardError, match="returned nan on module 'planner.write_plan'"):
-        ModuleGRPO(tmp_path / "out", tiny_config()).compile(PlanOnly(), trainset=questions, module="planner",
-                                                            reward=lambda q, out, text: float("nan"))
+        ModuleGRPO(tmp_path / "out", tiny_config(), module="planner",
+                   reward=lambda q, out, text: float("nan")).compile(PlanOnly(), trainset=questions)
     assert not (tmp_path / "out" / "weights").exists()
 
 
@@ -290,7 +280,7 @@ def test_remote_lm_cannot_be_trained(questions, tmp_path):
     program = PlanOnly()
     program.planner.write_plan.lm = dspy.LM("openai/gpt-4o-mini")
     with pytest.raises(ModelNotTrainable, match="served remotely"):
-        ModuleGRPO(tmp_path / "out").compile(program, trainset=questions, module="planner", reward="decomposition")
+        ModuleGRPO(tmp_path / "out", module="planner", reward="decomposition").compile(program, trainset=questions)
     assert not (tmp_path / "out").exists()
 
 
@@ -424,8 +414,8 @@ def test_grpo_with_the_engines_rollouts_trains_the_module(tiny_lm, tiny_model_di
 
     monkeypatch.setattr(EngineRollout, "__call__", recording)
     config = tiny_config(rollout_engine="apexdsp", mixed_precision="bf16")
-    optimizer = ModuleGRPO(tmp_path / "out", config)
-    optimizer.compile(PlanOnly(), trainset=questions, module="planner", reward="decomposition")
+    optimizer = ModuleGRPO(tmp_path / "out", config, module="planner", reward="decomposition")
+    optimizer.compile(PlanOnly(), trainset=questions)
 
     assert optimizer.result.steps == 2 and len(seen) == 2  # one rollout per step
     for prompts, output in seen:

@@ -26,11 +26,11 @@ def test_quickstart_spec_is_valid_and_its_corpus_holds_every_gold_paragraph(tmp_
     spec_path = write_quickstart(tmp_path / "qs", data_dir, size)
     spec = load_spec(spec_path)
     assert spec.program.name == "apex"
-    assert [stage.kind for stage in spec.optimizer.stages] == ["bootstrap", "grpo"]
-    assert spec.optimizer.stages[1].settings["max_steps"] == 1
+    assert [stage.kind for stage in spec.optimizer.stages] == ["bootstrap", "sft", "grpo"]
+    assert spec.optimizer.stages[2].settings["max_steps"] == 1
     titles = {json.loads(line)["title"] for line in (tmp_path / "qs" / "corpus.jsonl").read_text().splitlines()}
     test_questions = read_questions(data_dir / "hotpotqa" / "dev.jsonl", limit=4)
     assert all(set(q.supporting_titles) <= titles for q in test_questions)
     assert 9 * 10 >= len(titles) > 40  # the nine questions' paragraphs, deduplicated
     kinds = [step.kind for step in ExperimentRunner(spec, spec_path, cache_root=tmp_path / "cache").steps]
-    assert kinds[:2] == ["encoder", "index"] and kinds.count("compile") == 2 and kinds.count("evaluate") == 3
+    assert kinds[:2] == ["encoder", "index"] and kinds.count("compile") == 3 and kinds.count("evaluate") == 4

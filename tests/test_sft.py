@@ -100,21 +100,11 @@ def test_sft_trains_the_module_on_the_completions(tiny_lm, tiny_model_dir, quest
 
 
 def test_sft_ids_are_the_engines_prompt_then_the_reply(tiny_lm, tiny_model_dir, questions, tmp_path,  # noqa: F811
-                                                       monkeypatch):
+                                                       monkeypatch, engine_prompts):
     """The trained sequence starts with the very ids the engine was sent for the call (prefilled header
     continued, not a new turn), TRL keeps them as given, and the loss covers only the reply and its end."""
-    from apexdsp.lm.engine import LocalEngine
-
-    sent: list[list[int]] = []
-    real = LocalEngine.prompt_ids
-
-    def recording(self, request):
-        ids, shared = real(self, request)
-        sent.append(list(ids))
-        return ids, shared
-
-    monkeypatch.setattr(LocalEngine, "prompt_ids", recording)
-    monkeypatch.setattr(tiny_lm, "cache", False)
+    sent = engine_prompts
+    monkeypatch.setattr(tiny_lm, "cache", False)  # the call must reach the engine
     program = PlanAndAnswer()
     program(question=questions[1].question)
     adapter = TolerantChatAdapter()
@@ -187,11 +177,14 @@ def test_annotated_executor_and_answer_step_calls_follow_the_gold_decomposition(
     musique = [r for r in records if r.decomposition][:10]
     program = build_program("apex", retriever=retriever)
     report = AnnotatedReport()
-    predictors = {"executor.analyze": program.executor.analyze, "answer_step.generate": program.answer_step.generate}
+    predictors = {"executor.analyze": program.executor.analyze, "answer_step.generate": program.answer_step.generate,
+                  "planner.write_plan": program.planner.write_plan}
     examples = annotated_examples(program, musique, predictors, retriever=retriever, report=report)
     analyze = [e for e in examples if e.module == "executor.analyze"]
     final = [e for e in examples if e.module == "answer_step.generate"]
-    assert analyze and final
+    plans = [e for e in examples if e.module == "planner.write_plan"]
+    assert analyze and final and plans
+    assert "1. " in plans[0].completion and "#1" in plans[0].completion  # the gold steps, placeholders kept
     first = musique[0]
     steps = filled_steps(first)
     assert "#" not in steps[-1][0] and steps[0][1] in steps[-1][0]  # "#1" became the first sub-answer

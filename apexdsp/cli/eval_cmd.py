@@ -42,7 +42,8 @@ def evaluate(
         "--option", "-o", help="Program option KEY=VALUE, repeatable (e.g. frozen_generator=smollm2-135m).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help=(
         "A progress file (JSONL): finished questions are appended to it, and a rerun with the same file "
-        "runs only the ones it lacks. Use one file per program and question set."))] = None,
+        "runs only the ones it lacks. It records the program, compiled state, LM, index, question file "
+        "and options; a run that differs in any of them is refused."))] = None,
 ) -> None:
     """Evaluate a program on a question file."""
     from apexdsp.cli.inputs import optional_retriever, program_options, require_questions
@@ -60,8 +61,16 @@ def evaluate(
 
         manifest = read_manifest(compiled)
         program = manifest.program
+        options = dict(manifest.program_options)
         index = index or (Path(manifest.index.path) if manifest.index else None)
     records = require_questions(questions, limit)
+    progress_file = None
+    if resume is not None:  # checked (and its header written) before any model or index is loaded
+        from apexdsp.eval_checkpoint import EvalCheckpoint, run_provenance
+
+        provenance = run_provenance(program=program, lm=lm, questions=questions, index=index,
+                                    compiled=compiled, options=options)
+        progress_file = EvalCheckpoint(resume, provenance, label="--resume")
     retriever = optional_retriever(index)
     if compiled is not None:
         from apexdsp.optimizers.compiled import load_compiled
@@ -78,7 +87,7 @@ def evaluate(
     # DSPy's progress bar writes to stdout; send it to stderr so that --json output stays one clean line.
     with contextlib.redirect_stdout(sys.stderr):
         report = evaluate_program(qa, records, threads=threads, retrieves=program not in RETRIEVAL_FREE,
-                                  progress=True, checkpoint=resume)
+                                  progress=True, checkpoint=progress_file)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     local = write_json_atomic(report.model_dump(), runs_dir() / f"evaluate-{program}-{stamp}.json")
