@@ -137,6 +137,55 @@ def comparison(runs: list[ComparedRun], metrics: list[str]) -> dict[str, Any]:
 REWARD_CURVE = re.compile(r"^(reward|rewards/[^/]+/mean)$")
 
 
+PAIRED_METRICS = ("em", "f1", "hit", "recall")
+
+
+def _question_rows(run_id: str) -> list[dict[str, Any]]:
+    """The per-question rows an evaluation run logged: ``report.json`` of an ``apexdsp run`` step, or the
+    ``predictions.json`` table of ``apexdsp evaluate``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    logged = {artifact.path for artifact in MlflowClient().list_artifacts(run_id)}
+    if "report.json" in logged:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/report.json").get("results", [])
+    if "predictions.json" in logged:
+        return mlflow.load_table("predictions.json", run_ids=[run_id]).to_dict("records")
+    return []
+
+
+def _scores(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    return {str(row["id"]): float(row[metric]) for row in rows if row.get(metric) is not None
+            and row.get(metric) == row.get(metric)}  # NaN (a metric the row lacks) is not a score
+
+
+def paired_rows(runs: list[ComparedRun], metrics: tuple[str, ...] = PAIRED_METRICS,
+                seed: int = 0) -> list[dict[str, Any]]:
+    """Each compiled run against its program's uncompiled run, question by question: the mean difference
+    with its 95% bootstrap interval, and the wins and losses (:mod:`apexdsp.metrics.paired`)."""
+    from apexdsp.metrics.paired import paired_by_id
+
+    rows = []
+    for program in dict.fromkeys(run.program for run in runs):
+        mine = [run for run in runs if run.program == program]
+        base = next((run for run in mine if run.stage == "uncompiled"), None)
+        if base is None:
+            continue
+        base_rows = _question_rows(base.run_id)
+        for run in mine:
+            if run is base:
+                continue
+            rows_of_run = _question_rows(run.run_id)
+            figures = {}
+            for metric in metrics:
+                a, b = _scores(base_rows, metric), _scores(rows_of_run, metric)
+                if set(a) & set(b):
+                    figures[metric] = paired_by_id(a, b, metric=metric, seed=seed).to_dict()
+            rows.append({"program": program, "stage": run.stage, "against": "uncompiled",
+                         "run_id": run.run_id, "base_run_id": base.run_id, "paired": figures})
+    return rows
+
+
 def reward_histories(runs: list[ComparedRun]) -> dict[str, list[tuple[int, float]]]:
     """Reward metrics logged at several steps by the runs of the compared experiments (GRPO stages)."""
     client = _client()

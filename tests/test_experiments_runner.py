@@ -218,6 +218,16 @@ def test_decomposition_and_compile_time_reach_the_evaluation_rows(tmp_path, data
     assert f"{labeled.metrics['compile_seconds']:.3f}" in printed
     assert f"{uncompiled.metrics['lm_busy_share']:.3f}" in printed  # where the evaluation's time went
 
+    # Question by question against the uncompiled run: the same two questions, each difference bracketed.
+    from apexdsp.experiments.compare import paired_rows
+
+    (paired,) = paired_rows(find_runs("tiny-plans", []))
+    assert (paired["program"], paired["stage"], paired["against"]) == ("opera", "labeled", "uncompiled")
+    f1 = paired["paired"]["f1"]
+    assert f1["n"] == 2 and f1["low"] <= f1["difference"] <= f1["high"]
+    assert abs(f1["difference"] - (labeled.metrics["f1"] - uncompiled.metrics["f1"])) < 1e-9
+    assert "against the uncompiled run" in printed
+
 
 GRPO_STAGE = """after = ["labeled+grpo"]
 

@@ -40,6 +40,9 @@ def compare(
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment whose evaluation runs to compare.")] = None,
     metric: Annotated[str, typer.Option(help="Metrics, comma-separated.")] = "em,f1",
     plots: Annotated[bool, typer.Option(help="Write PNG plots and log them to MLflow.")] = True,
+    paired: Annotated[bool, typer.Option(help=(
+        "Also compare each compiled run with its program's uncompiled run question by question (difference, "
+        "95% bootstrap interval, wins and losses)."))] = True,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: a temporary folder).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
@@ -49,6 +52,10 @@ def compare(
     metrics = _metrics(metric)
     runs = find_runs(experiment, run_ids or [])
     result = comparison(runs, metrics)
+    if paired:
+        from apexdsp.experiments.compare import paired_rows
+
+        result["paired"] = paired_rows(runs)
     if plots:
         with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links; --json stays clean
             result["compare_run_id"], files = log_plots(runs, metrics, out)
@@ -65,5 +72,24 @@ def compare(
         figures = [f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row["metrics"].values()]
         table.add_row(row["program"], row["stage"], *[str(v or "") for v in row["params"].values()], *figures)
     console.print(table)
+    if result.get("paired"):
+        _print_paired(result["paired"])
     if plots:
         console.print(f"plots: {', '.join(result['plots'])} (logged to MLflow run {result['compare_run_id']})")
+
+
+def _print_paired(rows: list[dict]) -> None:
+    table = Table(title="against the uncompiled run, question by question: difference [95% interval] wins/losses")
+    for column in ("program", "stage", *PAIRED_COLUMNS):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        cells = []
+        for metric in PAIRED_COLUMNS:
+            d = row["paired"].get(metric)
+            cells.append("" if d is None else f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+                                              f"{d['wins']}/{d['losses']}")
+        table.add_row(row["program"], row["stage"], *cells)
+    console.print(table)
+
+
+PAIRED_COLUMNS = ("em", "f1", "hit", "recall")
