@@ -1,4 +1,5 @@
-"""``apexdsp index eval``: the ColBERT index against BM25 and dense MiniLM, on the same questions and corpus.
+"""``apexdsp index eval``: the ColBERT index against BM25, dense MiniLM and ColBERT + BM25 fused by rank
+(:mod:`.hybrid`), on the same questions and corpus.
 
 For every retriever, in one run:
 
@@ -158,6 +159,9 @@ def evaluate_retrieval(index_dir: str | os.PathLike[str], questions_path: str | 
         started = time.perf_counter()
         retrievers.append(DenseRetriever.build(corpus, cache_dir("baselines"), progress=progress))
         setup["dense_build_or_load_s"] = time.perf_counter() - started
+        from apexdsp.indexes.hybrid import HybridRetriever
+
+        retrievers.append(HybridRetriever([retrievers[0], retrievers[1]]))  # ColBERT + BM25, fused by rank
 
     scores = {r.name: score_retriever(r, usable, ks, progress=progress) for r in retrievers}
     report = RetrievalReport(

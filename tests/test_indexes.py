@@ -292,7 +292,7 @@ def test_eval_compares_colbert_bm25_and_dense_and_logs_to_mlflow(index, workdir,
     from apexdsp.indexes.evaluation import evaluate_retrieval
 
     report = evaluate_retrieval(index, workdir / "questions.jsonl", ks=(1, 5, 20), progress=False)
-    assert set(report.retrievers) == {"colbert", "bm25", "dense-minilm"} and report.n_questions == 12
+    assert set(report.retrievers) == {"colbert", "bm25", "dense-minilm", "hybrid"} and report.n_questions == 12
     for scores in report.retrievers.values():
         assert 0 <= scores.recall_at[1] <= scores.recall_at[5] <= scores.recall_at[20] <= 1
         assert scores.all_gold_at[20] <= scores.recall_at[20] and 0 < scores.mrr <= 1
@@ -303,6 +303,27 @@ def test_eval_compares_colbert_bm25_and_dense_and_logs_to_mlflow(index, workdir,
     runs = client.search_runs([client.get_experiment_by_name("indexes").experiment_id],
                               filter_string="attributes.run_name LIKE 'eval-%'")
     assert runs and runs[0].data.metrics["colbert.recall_at_5"] == report.retrievers["colbert"].recall_at[5]
+
+
+def test_hybrid_fuses_the_rankings_of_its_retrievers(index, workdir):
+    from apexdsp.indexes import load_retriever
+    from apexdsp.indexes.baselines import BM25Retriever
+    from apexdsp.indexes.corpus import load_corpus
+    from apexdsp.indexes.hybrid import HybridRetriever
+    from apexdsp.indexes.manifest import IndexManifest
+
+    colbert = load_retriever(index)
+    bm25 = BM25Retriever(load_corpus(IndexManifest.read(index).corpus_path))
+    query = "Who directed the film?"
+    only_bm25 = HybridRetriever([colbert, bm25], weights=[0, 1], depth=10).search(query, k=5)
+    assert [h.pid for h in only_bm25] == [h.pid for h in bm25.search(query, k=5)]  # weight 0: no say at all
+    fused = HybridRetriever([colbert, bm25], depth=10).search_batch([query, "When was it released?"], k=5)
+    assert [h.rank for h in fused[0]] == [1, 2, 3, 4, 5]
+    assert all(a.score >= b.score for a, b in zip(fused[0], fused[0][1:]))
+    tops = {h.pid for h in colbert.search(query, k=10)} | {h.pid for h in bm25.search(query, k=10)}
+    assert {h.pid for h in fused[0]} <= tops
+    both_first = colbert.search(query, k=1)[0].pid == bm25.search(query, k=1)[0].pid
+    assert not both_first or fused[0][0].pid == bm25.search(query, k=1)[0].pid
 
 
 def test_cli_search_and_eval(index, workdir):

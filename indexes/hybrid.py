@@ -1,0 +1,62 @@
+"""Hybrid retrieval: several retrievers over one corpus, their rankings fused by reciprocal rank fusion.
+
+ColBERT ranks the top passages best and BM25 finds more at depth (``apexdsp index eval``); fusing their
+rankings keeps both. Each retriever is searched ``depth`` deep and a passage scores
+``sum(weight_i / (rrf_k + rank_i))`` over the rankings it appears in (Cormack et al., 2009; ``rrf_k = 60``
+as there). The fused retriever has the same ``search`` / ``search_batch`` interface as each part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from apexdsp.errors import ApexError
+from apexdsp.indexes.base import Retriever, SearchHit
+from apexdsp.indexes.retriever_base import check_k, check_queries
+
+
+class HybridRetriever:
+    """Reciprocal rank fusion of ``retrievers`` (each weighted by ``weights``, default 1)."""
+
+    name = "hybrid"
+
+    def __init__(self, retrievers: Sequence[Retriever], weights: Sequence[float] | None = None, *,
+                 depth: int = 50, rrf_k: int = 60):
+        if len(retrievers) < 2:
+            raise ApexError("a hybrid retriever fuses at least two retrievers")
+        weights = list(weights) if weights is not None else [1.0] * len(retrievers)
+        if len(weights) != len(retrievers) or any(w < 0 for w in weights) or not any(weights):
+            raise ApexError(f"hybrid weights must be one non-negative number per retriever, got {weights}")
+        self.retrievers = list(retrievers)
+        self.weights = weights
+        self.depth = depth
+        self.rrf_k = rrf_k
+
+    def search(self, query: str, k: int = 5) -> list[SearchHit]:
+        return self.search_batch([query], k=k)[0]
+
+    def search_batch(self, queries: list[str], k: int = 5) -> list[list[SearchHit]]:
+        if isinstance(queries, str):
+            raise ApexError("search_batch takes a list of queries; use search() for one")
+        queries = check_queries(list(queries))
+        k = check_k(k)
+        depth = max(k, self.depth)
+        rankings = [retriever.search_batch(queries, k=depth) for retriever in self.retrievers]
+        return [self._fuse([ranking[i] for ranking in rankings], k) for i in range(len(queries))]
+
+    def __call__(self, query, k: int = 5):
+        return self.search(query, k=k) if isinstance(query, str) else self.search_batch(list(query), k=k)
+
+    def _fuse(self, rankings: list[list[SearchHit]], k: int) -> list[SearchHit]:
+        scores: dict[str, float] = {}
+        first: dict[str, SearchHit] = {}
+        for weight, hits in zip(self.weights, rankings, strict=True):
+            for rank, hit in enumerate(hits, start=1):
+                scores[hit.pid] = scores.get(hit.pid, 0.0) + weight / (self.rrf_k + rank)
+                first.setdefault(hit.pid, hit)
+        ranked = sorted(scores, key=lambda pid: -scores[pid])[:k]  # stable: ties keep first-seen order
+        return [first[pid].model_copy(update={"score": scores[pid], "rank": rank})
+                for rank, pid in enumerate(ranked, start=1)]
+
+
+__all__ = ["HybridRetriever"]
