@@ -12,7 +12,9 @@ valset=None, teacher=None)``, returning a new program (the student is never modi
   (OPERA's MAPGRPO, QAgent's two stages).
 
 :func:`save_compiled` / :func:`load_compiled` write and read a compiled program (JSON state plus one
-safetensors folder per trained module). Imported lazily: importing this package loads neither torch nor TRL.
+safetensors folder per trained module); :func:`log_compiled_model` logs one as an MLflow pyfunc model
+(:class:`CompiledProgramModel`), which ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run.
+Imported lazily: importing this package loads neither torch nor TRL.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from apexdsp.optimizers.config import BootstrapConfig
     from apexdsp.optimizers.grpo import ModuleGRPO
     from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
+    from apexdsp.optimizers.mlflow_model import CompiledProgramModel, log_compiled_model
     from apexdsp.optimizers.schedule import ProgressiveSchedule, Stage, parse_stages
     from apexdsp.optimizers.sft import ModuleSFT, SFTStageConfig
 
@@ -42,6 +45,8 @@ _LAZY = {
     "parse_stages": "apexdsp.optimizers.schedule",
     "save_compiled": "apexdsp.optimizers.compiled",
     "load_compiled": "apexdsp.optimizers.compiled",
+    "CompiledProgramModel": "apexdsp.optimizers.mlflow_model",
+    "log_compiled_model": "apexdsp.optimizers.mlflow_model",
 }
 
 __all__ = list(_LAZY)

@@ -72,6 +72,9 @@ def compile_program(
     sft_lr: Annotated[float, typer.Option(min=0, help="SFT learning rate.")] = 5e-5,
     sft_layers: Annotated[int, typer.Option(min=0, help="SFT trains the top N decoder layers (0: every weight).")] = 8,
     sft_max_examples: Annotated[Optional[int], typer.Option(min=1, help="SFT on at most N examples.")] = None,
+    rollout_engine: Annotated[str, typer.Option(help=(
+        "Who samples GRPO's completions: 'apexdsp' (the local engine's batching decoder: a prompt prefilled once "
+        "for its group) or 'transformers' (TRL's model.generate)."))] = "apexdsp",
     mixed_precision: Annotated[str, typer.Option(help=(
         "Weight stages: 'bf16' (bfloat16 autocast over float32 weights; fast on CPUs with native bfloat16) "
         "or 'no'."))] = "no",
@@ -102,11 +105,12 @@ def compile_program(
         _continue_compile(start_from, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index,
                           lm=lm, stages=weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, start_from, grpo_seed,
                                                       sft=sft, mixed_precision=mixed_precision,
-                                                      program=_compiled_program_name(start_from)),
+                                                      program=_compiled_program_name(start_from),
+                                                      rollout_engine=rollout_engine),
                           as_json=as_json)
         return
     stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, seed=grpo_seed, sft=sft,
-                           mixed_precision=mixed_precision, program=program)
+                           mixed_precision=mixed_precision, program=program, rollout_engine=rollout_engine)
     options = program_options(option)
     if not bootstraps_first(optimizer):  # weight stages on the uncompiled program
         retriever = optional_retriever(index)
@@ -202,6 +206,7 @@ def _log_compile(report, config, seconds, out, params, data_files) -> str:
                              for fit in report.calibration.predictors})
         run.log_json(report.model_dump(), "bootstrap_report.json")
         run.log_artifact(out, artifact_path="compiled")
+        _log_model(out, params["program"])
         return run.run_id
 
 
@@ -256,7 +261,7 @@ def sft_config(*, source: str, epochs: float, lr: float, layers: int, max_exampl
 
 def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: float = 1e-5,
                   start_from: Path | None = None, seed: int = 0, sft=None, mixed_precision: str = "no",
-                  program: str | None = None) -> list:
+                  program: str | None = None, rollout_engine: str = "apexdsp") -> list:
     """The weight-training stages of ``--optimizer``: after ``bootstrap`` (none for plain ``bootstrap``),
     or all of it when continuing a compiled program (``start_from``), which must not bootstrap again."""
     from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
@@ -264,7 +269,7 @@ def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: fl
 
     parts = [p.strip() for p in optimizer.split("+") if p.strip()]
     config = ModuleGRPOConfig(max_steps=grpo_steps, beta=grpo_beta, learning_rate=grpo_lr, seed=seed,
-                              mixed_precision=mixed_precision)  # type: ignore[arg-type]
+                              mixed_precision=mixed_precision, rollout_engine=rollout_engine)  # type: ignore[arg-type]
     if start_from is not None:
         if "bootstrap" in parts:
             raise ApexError(f"--optimizer {optimizer!r} with --start-from: {start_from} is already compiled; "
@@ -310,24 +315,47 @@ def _train_weights(program, optimizer: str, *, out: Path, trainset: Path, limit_
     schedule = ProgressiveSchedule(stages, out.parent / f".{out.name}.stages", retriever=retriever,
                                    experiment=COMPILE_EXPERIMENT)
     schedule.check(program)
+    from apexdsp.tracking import tracked_run
+
     configure_dspy(lm=lm)
     started = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
-        compiled = schedule.compile(program, trainset=train)
-    seconds = time.perf_counter() - started
-    data = {**(manifest.data if manifest else {}),
-            "weight_trainset": DataRef(path=str(trainset), examples=len(train), sha256=examples_digest(train))}
-    optimizer_info = {"name": optimizer, "start_from": str(start_from or "uncompiled"), "seconds": seconds,
-                      "previous": manifest.optimizer if manifest else {},
-                      "stages": [_stage_summary(r) for r in schedule.results]}
-    index_entry = index_ref(index) if index else (manifest.index if manifest else None)
-    save_compiled(compiled, out, lm=lm, index=index_entry, data=data, optimizer=optimizer_info)
+    name = getattr(program, "name", "program")
+    # One compile run; the schedule and its stages are its children; the result is logged as an MLflow model.
+    with tracked_run(COMPILE_EXPERIMENT, run_name=f"{name}-{optimizer}", tags={"apexdsp.kind": "compile"},
+                     params={"program": name, "optimizer": optimizer, "lm": lm, "index": str(index or ""),
+                             "start_from": str(start_from or "uncompiled"), "limit_train": limit_train or ""},
+                     data_files={"trainset": trainset}) as run:
+        with contextlib.redirect_stdout(sys.stderr):
+            compiled = schedule.compile(program, trainset=train)
+        seconds = time.perf_counter() - started
+        data = {**(manifest.data if manifest else {}),
+                "weight_trainset": DataRef(path=str(trainset), examples=len(train), sha256=examples_digest(train))}
+        optimizer_info = {"name": optimizer, "start_from": str(start_from or "uncompiled"), "seconds": seconds,
+                          "previous": manifest.optimizer if manifest else {},
+                          "stages": [_stage_summary(r) for r in schedule.results]}
+        index_entry = index_ref(index) if index else (manifest.index if manifest else None)
+        save_compiled(compiled, out, lm=lm, index=index_entry, data=data, optimizer=optimizer_info)
+        run.log_metrics({"compile_seconds": seconds})
+        model_uri = _log_model(out, name)
     summary = {"out": str(out), "start_from": str(start_from or "uncompiled"), "compile_seconds": round(seconds, 1),
-               "stages": optimizer_info["stages"]}
+               "stages": optimizer_info["stages"], **({"mlflow_run_id": run.run_id, "model_uri": model_uri}
+                                                      if run.run_id else {})}
     if as_json:
         print(json.dumps(summary, default=str))
     else:
         console.print(summary)
+
+
+def _log_model(out: Path, program: str) -> str | None:
+    """Log the compiled program as an MLflow model of the active run (registered as ``apexdsp-<program>``, a
+    version per compile); ``None`` when tracking is off."""
+    from apexdsp.optimizers.mlflow_model import log_compiled_model
+    from apexdsp.tracking import tracking_enabled
+
+    if not tracking_enabled():
+        return None
+    with contextlib.redirect_stdout(sys.stderr):
+        return log_compiled_model(out, registered_model_name=f"apexdsp-{program}")
 
 
 def _compiled_program_name(folder: Path) -> str:
