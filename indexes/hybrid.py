@@ -9,6 +9,7 @@ as there). The fused retriever has the same ``search`` / ``search_batch`` interf
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from apexdsp.errors import ApexError
 from apexdsp.indexes.base import Retriever, SearchHit
@@ -59,4 +60,34 @@ class HybridRetriever:
                 for rank, pid in enumerate(ranked, start=1)]
 
 
-__all__ = ["HybridRetriever"]
+SEARCHERS = ("colbert", "bm25", "dense", "hybrid")
+
+
+def open_retriever(index_dir: str | Path, kind: str = "colbert") -> Retriever:
+    """The searcher ``kind`` over an index directory's corpus: the ColBERT index itself, BM25 or dense
+    MiniLM over the same passages, or ColBERT and BM25 fused (``hybrid``)."""
+    if kind not in SEARCHERS:
+        raise ApexError(f"unknown retriever {kind!r}; choose one of {', '.join(SEARCHERS)}")
+    from apexdsp.indexes.colbert_retriever import load_retriever
+
+    if kind == "colbert":
+        return load_retriever(index_dir)
+    from apexdsp.indexes.baselines import BM25Retriever, DenseRetriever
+    from apexdsp.indexes.corpus import load_corpus
+    from apexdsp.indexes.manifest import IndexManifest
+
+    manifest = IndexManifest.read(index_dir)
+    if not Path(manifest.corpus_path).is_file():
+        raise ApexError(f"corpus {manifest.corpus_path} of index {index_dir} is gone: --retriever {kind} needs it")
+    manifest.check_corpus(index_dir, manifest.corpus_path)
+    corpus = load_corpus(manifest.corpus_path)
+    if kind == "bm25":
+        return BM25Retriever(corpus)
+    if kind == "dense":
+        from apexdsp.paths import cache_dir
+
+        return DenseRetriever.build(corpus, cache_dir("baselines"))
+    return HybridRetriever([load_retriever(index_dir), BM25Retriever(corpus)])
+
+
+__all__ = ["HybridRetriever", "SEARCHERS", "open_retriever"]

@@ -325,6 +325,16 @@ def test_hybrid_fuses_the_rankings_of_its_retrievers(index, workdir):
     both_first = colbert.search(query, k=1)[0].pid == bm25.search(query, k=1)[0].pid
     assert not both_first or fused[0][0].pid == bm25.search(query, k=1)[0].pid
 
+    from apexdsp.errors import ApexError
+    from apexdsp.indexes import open_retriever
+
+    opened = open_retriever(index, "hybrid")
+    assert isinstance(opened, HybridRetriever) and [h.pid for h in opened.search(query, k=5)] == [
+        h.pid for h in HybridRetriever([colbert, bm25]).search(query, k=5)]
+    assert [h.pid for h in open_retriever(index, "bm25").search(query, k=3)] == [h.pid for h in bm25.search(query, k=3)]
+    with pytest.raises(ApexError, match="unknown retriever 'nope'"):
+        open_retriever(index, "nope")
+
 
 def test_cli_search_and_eval(index, workdir):
     from typer.testing import CliRunner

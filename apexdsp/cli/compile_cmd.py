@@ -36,6 +36,9 @@ def compile_program(
         "grpo(planner), grpo(executor.analyze:answer), or mapgrpo (the program's modules one after another); "
         "e.g. 'bootstrap+sft(executor.analyze)+grpo(planner)'."))] = "bootstrap",
     index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
+    retriever: Annotated[str, typer.Option(help=(
+        "What searches the index's passages: colbert, bm25, dense, or hybrid (ColBERT and BM25 fused by rank)."))
+    ] = "colbert",
     trainset: Annotated[Path, typer.Option(help="Training questions JSONL.")] = Path(
         "../shared/data/hotpotqa/train.jsonl"),
     valset: Annotated[Optional[Path], typer.Option(help="Validation questions JSONL (default: the trainset).")] = None,
@@ -95,6 +98,11 @@ def compile_program(
     from apexdsp.programs.registry import build_program
     from apexdsp.runtime import configure_dspy
 
+    from apexdsp.indexes.hybrid import SEARCHERS
+
+    retriever_kind = retriever  # the option's value; ``retriever`` becomes the searcher object below
+    if retriever_kind not in SEARCHERS:
+        raise ApexError(f"--retriever {retriever_kind!r}: choose one of {', '.join(SEARCHERS)}")
     if not track:  # every stage, not only the summary run: nothing reaches MLflow
         from apexdsp.tracking import disable_tracking
 
@@ -107,13 +115,13 @@ def compile_program(
                                                       sft=sft, mixed_precision=mixed_precision,
                                                       program=_compiled_program_name(start_from),
                                                       rollout_engine=rollout_engine),
-                          as_json=as_json)
+                          as_json=as_json, retriever_kind=retriever)
         return
     stages = weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, seed=grpo_seed, sft=sft,
                            mixed_precision=mixed_precision, program=program, rollout_engine=rollout_engine)
     options = program_options(option)
     if not bootstraps_first(optimizer):  # weight stages on the uncompiled program
-        retriever = optional_retriever(index)
+        retriever = optional_retriever(index, retriever_kind)
         student = build_program(program, retriever=retriever, **options)
         _train_weights(student, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index, lm=lm,
                        stages=stages, as_json=as_json, retriever=retriever)
@@ -131,7 +139,7 @@ def compile_program(
     labeled = read_questions(plan_demos) if plan_demos else []
     if plan_demos and not any(q.decomposition for q in labeled):
         raise ApexError(f"{plan_demos}: no question has a gold decomposition (field 'decomposition')")
-    retriever = optional_retriever(index)
+    retriever = optional_retriever(index, retriever_kind)
     student = build_program(program, retriever=retriever, **options)
     _check_out(out)
     if stages:  # a stage naming a module the program lacks fails now, not after the bootstrap
@@ -286,14 +294,14 @@ def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: fl
 
 
 def _continue_compile(start_from: Path, optimizer: str, *, out: Path, trainset: Path, limit_train: int | None,
-                      index: Path | None, lm: str, stages: list, as_json: bool) -> None:
+                      index: Path | None, lm: str, stages: list, as_json: bool, retriever_kind: str = "colbert") -> None:
     """Run weight stages on a saved compiled program and save the result to ``out`` (never over it)."""
     from apexdsp.optimizers.compiled import load_compiled
 
     if out.expanduser().resolve() == start_from.expanduser().resolve():
         raise ApexError(f"--out {out} is --start-from: write the trained program elsewhere, so the stage-1 "
                         "program is kept whatever happens")
-    retriever = optional_retriever(index)
+    retriever = optional_retriever(index, retriever_kind)
     loaded = load_compiled(start_from, retriever=retriever)
     _train_weights(loaded.program, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index,
                    lm=lm, stages=stages, as_json=as_json, retriever=retriever, start_from=start_from,

@@ -29,6 +29,9 @@ def evaluate(
     questions: Annotated[Path, typer.Option(help="Questions JSONL (shared data format).")] = Path(
         "../shared/data/hotpotqa/dev.jsonl"),
     index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
+    retriever: Annotated[str, typer.Option(help=(
+        "What searches the index's passages: colbert, bm25, dense, or hybrid (ColBERT and BM25 fused by rank)."))
+    ] = "colbert",
     lm: Annotated[str, typer.Option(help="LM name (smollm2-135m, a local folder, or provider/model).")] = "smollm2-135m",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N questions.")] = None,
     threads: Annotated[int, typer.Option(min=1, help="Concurrent questions (the LM batches them).")] = 8,
@@ -64,20 +67,25 @@ def evaluate(
         options = dict(manifest.program_options)
         index = index or (Path(manifest.index.path) if manifest.index else None)
     records = require_questions(questions, limit)
+    from apexdsp.indexes.hybrid import SEARCHERS
+
+    if retriever not in SEARCHERS:
+        raise ApexError(f"--retriever {retriever!r}: choose one of {', '.join(SEARCHERS)}")
+    searched = {"retriever": retriever} if retriever != "colbert" else {}
     progress_file = None
     if resume is not None:  # checked (and its header written) before any model or index is loaded
         from apexdsp.eval_checkpoint import EvalCheckpoint, run_provenance
 
         provenance = run_provenance(program=program, lm=lm, questions=questions, index=index,
-                                    compiled=compiled, options=options)
+                                    compiled=compiled, options={**options, **searched})
         progress_file = EvalCheckpoint(resume, provenance, label="--resume")
-    retriever = optional_retriever(index)
+    searcher = optional_retriever(index, retriever)
     if compiled is not None:
         from apexdsp.optimizers.compiled import load_compiled
 
-        qa = load_compiled(compiled, retriever=retriever).program
+        qa = load_compiled(compiled, retriever=searcher).program
     else:
-        qa = build_program(program, retriever=retriever, **options)  # checks the name and that searching programs have an index
+        qa = build_program(program, retriever=searcher, **options)  # checks the name and that searching programs have an index
     configure_dspy(lm=lm, cache=cache)
     if trace:
         from apexdsp.tracking import enable_dspy_tracing
@@ -95,7 +103,8 @@ def evaluate(
     if track:
         from apexdsp.tracking.evaluation_log import log_evaluation
 
-        params = {"program": program, "lm": lm, "index": str(index) if index else "", "limit": limit or "",
+        params = {"program": program, "lm": lm, "index": str(index) if index else "", "retriever": retriever,
+                  "limit": limit or "",
                   "threads": threads, "n": report.n, "cache": cache,
                   "compiled": str(compiled or ""), "resumed_from": str(resume or "")}
         summary["mlflow_run_id"] = log_evaluation(report, params, {"questions": questions},

@@ -18,13 +18,14 @@ def require_questions(path: str | os.PathLike[str], limit: int | None = None) ->
     return questions
 
 
-def optional_retriever(index: str | os.PathLike[str] | None) -> Any:
-    """The shared retriever of ``index``, or ``None`` when no index was given (retrieval-free programs)."""
+def optional_retriever(index: str | os.PathLike[str] | None, kind: str = "colbert") -> Any:
+    """The searcher ``kind`` over ``index`` (ColBERT itself, bm25, dense or hybrid), or ``None`` when no index
+    was given (retrieval-free programs)."""
     if index is None:
         return None
-    from apexdsp.indexes import load_retriever
+    from apexdsp.indexes import open_retriever
 
-    return load_retriever(index)
+    return open_retriever(index, kind)
 
 
 def program_options(items: list[str] | None) -> dict[str, Any]:
