@@ -113,7 +113,7 @@ def compile_program(
         _continue_compile(start_from, optimizer, out=out, trainset=trainset, limit_train=limit_train, index=index,
                           lm=lm, stages=weight_stages(optimizer, grpo_steps, grpo_beta, grpo_lr, start_from, grpo_seed,
                                                       sft=sft, mixed_precision=mixed_precision,
-                                                      program=_compiled_program_name(start_from),
+                                                      program=_compiled_program_name(start_from) if "mapgrpo" in optimizer else None,
                                                       rollout_engine=rollout_engine),
                           as_json=as_json, retriever_kind=retriever)
         return
