@@ -136,6 +136,7 @@ class ModuleSFT(Teleprompter):
         self.experiment = experiment
         self.examples: list[SFTExample] = []
         self.report: dict[str, Any] = {}
+        self._annotated: AnnotatedReport | None = None  # the drops by reason, when examples came from annotations
 
     def compile(self, student: dspy.Module, *, trainset: list[Any] | None = None, teacher: Any = None,
                 valset: Any = None, examples: list[SFTExample] | None = None) -> dspy.Module:
@@ -209,7 +210,7 @@ class ModuleSFT(Teleprompter):
 
     def _why_none(self, predictors: dict[str, dspy.Predict]) -> str:
         reasons = []
-        annotated = getattr(self, "_annotated", None)
+        annotated = self._annotated
         if annotated is not None:
             reasons += [f"{name} from annotations: {annotated.why_none(name)} dropped" for name in predictors]
         if "traces" in self.report:

@@ -47,3 +47,20 @@ def write_tiny_experiment(folder: Path, data_dir: Path, name: str = "tiny-rag", 
     spec = folder / f"{name}.toml"
     spec.write_text(TINY_SPEC.format(name=name, experiment=experiment) + extra)
     return spec
+
+
+# A spec tail (format with the model folder) that adds an SFT stage of the reader, evaluated after it.
+SFT_STAGE = """after = ["labeled+sft"]
+
+[lm]
+default = "{model}"
+
+[[optimizer.stages]]
+kind = "sft"
+[optimizer.stages.settings]
+modules = ["reader.generate"]
+max_steps = 2
+batch_size = 2
+train_layers = 1
+learning_rate = 1e-3
+"""

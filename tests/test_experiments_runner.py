@@ -20,7 +20,7 @@ import pytest
 from apexdsp.errors import ApexError
 from apexdsp.experiments.runner import ExperimentRunner, experiment_lock, step_lock
 from apexdsp.experiments.spec import load_spec
-from experiment_fixtures import write_tiny_experiment
+from experiment_fixtures import SFT_STAGE, write_tiny_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -298,21 +298,6 @@ def test_a_grpo_stage_trains_its_module_and_the_next_evaluation_runs_the_trained
     assert runner.state(step).startswith("in progress: checkpoint at step 2 of 2, ")
     assert runner.state(step).endswith("min of work in 1 attempt")
 
-
-SFT_STAGE = """after = ["labeled+sft"]
-
-[lm]
-default = "{model}"
-
-[[optimizer.stages]]
-kind = "sft"
-[optimizer.stages.settings]
-modules = ["reader.generate"]
-max_steps = 2
-batch_size = 2
-train_layers = 1
-learning_rate = 1e-3
-"""
 
 
 def test_an_sft_stage_with_tracking_off_trains_the_reader_on_annotated_calls(tmp_path, data_dir, tiny_model_dir,

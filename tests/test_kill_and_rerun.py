@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from experiment_fixtures import write_tiny_experiment
+from experiment_fixtures import SFT_STAGE, write_tiny_experiment
 from kill_harness import (APEXDSP, RUNNING_BUG, TABLE, Finished, KillPoint, Outcome, aged_point, broken_json,
                           check_states, command_env, compiled_program, delay_points, error_line, jsonl_rows,
                           known_bug, leftover_temps, parses, path_point, resumed_without_training, run_and_kill,
@@ -25,20 +25,6 @@ from kill_harness import (APEXDSP, RUNNING_BUG, TABLE, Finished, KillPoint, Outc
 
 pytestmark = pytest.mark.slow
 QUESTIONS = 12
-SFT_STAGE = """after = ["labeled+sft"]
-
-[lm]
-default = "{model}"
-
-[[optimizer.stages]]
-kind = "sft"
-[optimizer.stages.settings]
-modules = ["reader.generate"]
-max_steps = 2
-batch_size = 2
-train_layers = 1
-learning_rate = 1e-3
-"""
 
 
 @dataclass
