@@ -23,12 +23,15 @@ def test_every_dataset_program_pair_has_a_spec():
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
-def test_checked_in_specs_load_and_plan_uncompiled_bootstrap_grpo(path, data_dir):
+def test_checked_in_specs_load_and_plan_an_evaluation_after_every_stage(path, data_dir):
     spec = load_spec(path)
-    assert spec.checkpoints() == ["uncompiled", "bootstrap", "bootstrap+grpo"]
+    stages = [stage.kind for stage in spec.optimizer.stages]
+    assert stages[0] == "bootstrap" and stages[-1] == "grpo"
+    # uncompiled, then one cumulative label per stage: bootstrap, bootstrap+sft, bootstrap+sft+grpo
+    assert spec.checkpoints() == ["uncompiled"] + ["+".join(stages[:n]) for n in range(1, len(stages) + 1)]
     assert spec.data.test.file.is_relative_to(data_dir)  # found in the shared data folder
     kinds = [step.kind for step in plan_steps(spec)]
-    assert kinds == ["encoder", "index", "evaluate", "compile", "evaluate", "compile", "evaluate"]
+    assert kinds == ["encoder", "index", "evaluate"] + ["compile", "evaluate"] * len(stages)
 
 
 def test_specs_of_one_dataset_share_the_encoder_and_index_steps():
