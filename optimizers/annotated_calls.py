@@ -13,7 +13,9 @@ Which calls can be rebuilt is decided by the module object that owns the predict
 classes, by identity, never by a signature's name):
 
 * :class:`~apexdsp.programs.answer.PassageReader` ``.generate`` (rag's reader, QAgent's): the question and
-  the top passages searched with it -> the gold answer;
+  the top passages searched with it -> the gold answer; ``.decide`` (yes/no questions) -> ``yes``/``no``;
+  ``.choose`` ("X or Y" questions whose gold answer is one of the two options) -> that option's letter.
+  The closed forms' targets are judgements, not spans, so no passage has to contain them;
 * :class:`~apexdsp.programs.executor.Executor` ``.analyze``: a sub-question (MuSiQue's, with ``#n`` filled
   by the gold sub-answers; else the whole question as a one-step plan) and the passages searched with it
   -> its answer, ``answered: yes``;
@@ -22,7 +24,8 @@ classes, by identity, never by a signature's name):
 * :class:`~apexdsp.programs.planner.Planner` ``.write_plan``: the question -> its gold decomposition
   written as the planner writes plans (MuSiQue; no search, so nothing to check it against).
 
-Yes/no and "X or Y" questions go to the typed predictors at inference, so the open predictors skip them.
+Yes/no and "X or Y" questions go to the typed predictors at inference, so the open predictors skip them
+and the typed ones take only them.
 """
 
 from __future__ import annotations
@@ -37,14 +40,14 @@ import dspy
 
 from apexdsp.data.records import Question
 from apexdsp.errors import ApexError
-from apexdsp.metrics.answer import answer_hit
-from apexdsp.optimizers.module_prompts import as_questions, current_adapter, format_messages
+from apexdsp.metrics.answer import answer_hit, normalize_answer
+from apexdsp.optimizers.module_prompts import as_questions, current_adapter, format_messages, reply_text
 from apexdsp.optimizers.sft_examples import SFTExample
 from apexdsp.programs.answer import AnswerStep, PassageReader
 from apexdsp.programs.evidence import format_passages, fuse
 from apexdsp.programs.executor import Executor, findings_text
 from apexdsp.programs.planner import Planner
-from apexdsp.programs.question_forms import choice_options, is_yes_no_question
+from apexdsp.programs.question_forms import choice_options, format_options, is_yes_no_question
 from apexdsp.programs.trajectory import SubGoalRecord
 
 
@@ -82,13 +85,40 @@ def _search(retriever: Any, queries: Sequence[str], k: int) -> list[list[Any]]:
     return [list(hits) for hits in retriever.search_batch(list(queries), k=k)]
 
 
+def _reader_passages(program: Any, reader: PassageReader, question: Question, retriever: Any) -> str:
+    k = getattr(getattr(program, "config", None), "k", 5)
+    return format_passages(_search(retriever, [question.question], k)[0], reader.passage_chars)
+
+
 def _reader_calls(program: Any, reader: PassageReader, question: Question, retriever: Any):
     if not _open_question(question):
         return [], "closed form (typed predictors)"
-    k = getattr(getattr(program, "config", None), "k", 5)
-    passages = format_passages(_search(retriever, [question.question], k)[0], reader.passage_chars)
+    passages = _reader_passages(program, reader, question, retriever)
     return [_Call({"question": question.question, "passages": passages}, {"answer": question.answer},
                   passages)], None
+
+
+def _decide_calls(program: Any, reader: PassageReader, question: Question, retriever: Any):
+    if not is_yes_no_question(question.question):
+        return [], "not a yes/no question"
+    gold = normalize_answer(question.answer)
+    if gold not in ("yes", "no"):
+        return [], "yes/no question with another answer"
+    passages = _reader_passages(program, reader, question, retriever)
+    return [_Call({"question": question.question, "passages": passages}, {"answer": gold}, None)], None
+
+
+def _choose_calls(program: Any, reader: PassageReader, question: Question, retriever: Any):
+    options = choice_options(question.question)
+    if options is None:
+        return [], "not an X-or-Y question"
+    golds = {normalize_answer(a) for a in [question.answer, *question.answer_aliases]}
+    letters = [letter for letter, option in zip("AB", options) if normalize_answer(option) in golds]
+    if len(letters) != 1:
+        return [], "gold answer not one of the two options"
+    passages = _reader_passages(program, reader, question, retriever)
+    return [_Call({"question": question.question, "options": format_options(options), "passages": passages},
+                  {"answer": letters[0]}, None)], None
 
 
 _PLACEHOLDER = re.compile(r"#(\d+)")
@@ -153,6 +183,8 @@ def _planner_calls(program: Any, planner: Planner, question: Question, retriever
 # (owner module class, predictor attribute) -> how its calls are rebuilt
 SYNTHESIZERS: dict[tuple[type, str], Callable[..., tuple[list[_Call], str | None]]] = {
     (PassageReader, "generate"): _reader_calls,
+    (PassageReader, "decide"): _decide_calls,
+    (PassageReader, "choose"): _choose_calls,
     (Executor, "analyze"): _analyze_calls,
     (AnswerStep, "generate"): _answer_step_calls,
     (Planner, "write_plan"): _planner_calls,
@@ -202,7 +234,7 @@ def annotated_examples(program: dspy.Module, trainset: list[Any], predictors: di
                 if call.support is not None and not answer_hit(call.outputs.get("answer", ""), call.support):
                     report.dropped[(name, "answer not in the prompt")] += 1
                     continue
-                completion = adapter.format_assistant_message_content(predictor.signature, call.outputs)
+                completion = reply_text(predictor, call.outputs, adapter)
                 examples.append(SFTExample(name, format_messages(predictor, call.inputs, adapter), completion,
                                            question.id, 1.0, source="annotated"))
                 report.kept[(name, kind)] += 1

@@ -89,6 +89,26 @@ def format_messages(predictor: dspy.Predict, inputs: dict[str, Any], adapter: An
     return adapter.format(predictor.signature, list(predictor.demos), dict(inputs))
 
 
+def reply_text(predictor: dspy.Predict, outputs: dict[str, Any], adapter: Any = None, lm: Any = None) -> str:
+    """The whole reply (prefilled header in) the LM must write for ``outputs``, as the engine decodes it.
+
+    Usually the adapter's format of the outputs. A typed yes/no or A/B call is different: after the
+    prefilled header the engine decodes one constrained token (:func:`apexdsp.lm.adapter.choice_constraint`),
+    read at the position right after the header, so its reply is the header followed by the choice itself;
+    trained on the adapter's format instead, the model would learn the choice one token later, where the
+    engine never reads it.
+    """
+    from apexdsp.lm.adapter import choice_constraint
+
+    adapter = adapter or current_adapter()
+    lm = lm or predictor.lm or dspy.settings.lm
+    prefix = adapter.reply_prefix(predictor.signature, lm) if hasattr(adapter, "reply_prefix") else ""
+    if prefix and choice_constraint(predictor.signature, lm):
+        (field,) = predictor.signature.output_fields
+        return prefix + str(outputs[field])
+    return adapter.format_assistant_message_content(predictor.signature, dict(outputs))
+
+
 def reply_prefix(messages: list[dict[str, str]]) -> str:
     """The prefilled start of the reply (a final assistant message), "" when the prompt opens a new turn."""
     return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""

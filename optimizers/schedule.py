@@ -61,6 +61,11 @@ class Stage:
     def label(self) -> str:
         return self.name or self.module
 
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules an SFT stage trains together on one LM: ``sft(reader.decide,reader.choose)``."""
+        return tuple(part.strip() for part in self.module.split(",") if part.strip())
+
 
 # OPERA's order: the planner first, then the executor's analysis-answer step, then its rewrite step.
 MAPGRPO_ORDERS: dict[str, list[tuple[str, str]]] = {
@@ -92,13 +97,14 @@ def qagent_stages(config: ModuleGRPOConfig | None = None, module: str = "write_q
             Stage("grpo", module, "frozen_generator", name=module, grpo=config)]
 
 
-_STAGE = re.compile(r"^(grpo|sft)\(([\w.]+)(?::(\w+))?\)$")
+_STAGE = re.compile(r"^(grpo|sft)\(([\w.]+(?:,[\w.]+)*)(?::(\w+))?\)$")
 
 
 def parse_stages(spec: str, config: ModuleGRPOConfig | None = None,
                  sft_config: SFTStageConfig | None = None, program: str | None = None) -> list[Stage]:
     """``"sft(reader.generate)+grpo(planner)+grpo(executor.analyze:answer)"`` -> stages (``bootstrap`` is
-    skipped: that is the prompt stage, run before these). ``mapgrpo`` stands for the program's MAPGRPO
+    skipped: that is the prompt stage, run before these); ``sft(reader.decide,reader.choose)`` trains several
+    predictors on one LM. ``mapgrpo`` stands for the program's MAPGRPO
     schedule (:data:`MAPGRPO_ORDERS`; QAgent's two stages for ``qagent``)."""
     stages = []
     for part in (p.strip() for p in spec.split("+") if p.strip()):
@@ -117,6 +123,9 @@ def parse_stages(spec: str, config: ModuleGRPOConfig | None = None,
             raise ApexError(f"bad stage {part!r} in {spec!r}; write grpo(MODULE), grpo(MODULE:REWARD), sft(MODULE), "
                             "mapgrpo or calibrate")
         kind, module, reward = match.groups()
+        if kind == "grpo" and "," in module:
+            raise ApexError(f"bad stage {part!r} in {spec!r}: GRPO trains one module per stage; "
+                            "only sft(...) takes several, comma-separated")
         stages.append(Stage(kind, module, reward, grpo=config, sft=sft_config))  # type: ignore[arg-type]
     if not stages:
         raise ApexError(f"{spec!r} names no training stage")
@@ -155,7 +164,7 @@ class ProgressiveSchedule(Teleprompter):
                         raise ApexError(f"unknown reward {stage.resolved_reward()!r}; known: "
                                         f"{', '.join(sorted(MODULE_REWARDS))}")
                 elif stage.kind == "sft":
-                    chosen = module_predictors(program, (stage.module,))
+                    chosen = module_predictors(program, stage.modules)
                     if "annotated" in (stage.sft or SFTStageConfig()).source:
                         if self.retriever is None:
                             raise ApexError("SFT from annotations needs the index the program searches")
@@ -184,7 +193,7 @@ class ProgressiveSchedule(Teleprompter):
             self.results.append(calibration.report)
             return calibrated
         if stage.kind == "sft":
-            sft = ModuleSFT(self.out_dir, stage.sft, modules=(stage.module,), retriever=self.retriever,
+            sft = ModuleSFT(self.out_dir, stage.sft, modules=stage.modules, retriever=self.retriever,
                             name=stage.name, experiment=self.experiment)
             trained = sft.compile(program, trainset=trainset)
             self.results.append(sft)

@@ -16,7 +16,8 @@ from typing import Any
 import dspy
 
 from apexdsp.errors import ApexError
-from apexdsp.optimizers.module_prompts import as_questions, current_adapter, format_messages, reply_prefix
+from apexdsp.optimizers.module_prompts import (as_questions, current_adapter, format_messages, reply_prefix,
+                                               reply_text)
 
 
 @dataclass
@@ -65,7 +66,7 @@ def collect_sft_examples(program: dspy.Module, trainset: list[Any], *, modules: 
             name = by_identity.get(id(predictor))
             if name is None:
                 continue
-            completion = adapter.format_assistant_message_content(predictor.signature, dict(outputs))
+            completion = reply_text(predictor, dict(outputs), adapter)
             examples.append(SFTExample(name, format_messages(predictor, inputs, adapter), completion,
                                        question.id, value))
     return examples

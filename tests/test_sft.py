@@ -204,8 +204,62 @@ def test_a_stage_the_program_cannot_run_is_refused_before_any_work(tiny_lm, para
         ProgressiveSchedule(parse_stages("sft(nosuch)"), tmp_path, retriever=retriever).check(program)
     with pytest.raises(ApexError, match="stage grpo\\(nosuch\\): program has no module"):
         ProgressiveSchedule(parse_stages("grpo(nosuch:answer)"), tmp_path, retriever=retriever).check(program)
+    apex = build_program("apex", retriever=retriever)
     with pytest.raises(ApexError, match="no calls to rebuild from annotations"):
-        ProgressiveSchedule(parse_stages("sft(reader.decide)"), tmp_path, retriever=retriever).check(program)
+        ProgressiveSchedule(parse_stages("sft(executor.rewrite)"), tmp_path, retriever=retriever).check(apex)
+    with pytest.raises(ApexError, match="GRPO trains one module per stage"):
+        parse_stages("grpo(reader.decide,reader.choose)")
     with pytest.raises(ApexError, match="needs the index"):
         ProgressiveSchedule(parse_stages("sft(reader.generate)"), tmp_path).check(program)
     ProgressiveSchedule(parse_stages("sft(reader.generate)"), tmp_path, retriever=retriever).check(program)
+    ProgressiveSchedule(parse_stages("sft(reader.decide,reader.choose)"), tmp_path, retriever=retriever).check(program)
+
+
+def test_typed_calls_train_the_one_token_the_engine_reads(tiny_lm, tiny_model_dir, paragraphs_index, tmp_path):
+    """A yes/no or A/B call is decoded as one constrained token right after the prefilled header: the SFT
+    examples put the gold choice there, and after training the program's own call (the real engine, the
+    constraint applied) answers what it was trained to."""
+    from apexdsp.lm.adapter import choice_constraint
+    from apexdsp.optimizers.annotated_calls import AnnotatedReport, annotated_examples
+    from apexdsp.optimizers.module_prompts import reply_text
+    from apexdsp.programs.question_forms import choice_options, is_yes_no_question
+    from apexdsp.programs.registry import build_program
+    from transformers import AutoTokenizer
+
+    records, retriever = paragraphs_index
+    program = build_program("rag", retriever=retriever)
+    predictors = {"reader.decide": program.reader.decide, "reader.choose": program.reader.choose}
+    report = AnnotatedReport()
+    examples = annotated_examples(program, records, predictors, retriever=retriever, report=report)
+    by_id = {q.id: q for q in records}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert {e.module for e in examples} == set(predictors)
+    for example in examples:
+        question = by_id[example.question_id]
+        predictor = predictors[example.module]
+        target = example.completion.removeprefix("[[ ## answer ## ]]")
+        if example.module == "reader.decide":
+            assert is_yes_no_question(question.question) and target == question.answer.lower()
+        else:
+            options = choice_options(question.question)
+            assert options[{"A": 0, "B": 1}[target]].lower() == question.answer.lower()
+        allowed = {int(t) for t in choice_constraint(predictor.signature, tiny_lm)["logit_bias"]}
+        first = tokenize_example(example, tokenizer)
+        reply_ids = [i for i, m in zip(first["input_ids"], first["completion_mask"]) if m]
+        assert reply_ids[0] in allowed and tokenizer.decode(reply_ids[:1]).strip().lower() == target.lower()
+    assert sum(report.kept.values()) == len(examples) and report.dropped
+
+    # train one yes/no call on the answer the untrained program does not give, and ask the program again
+    example = next(e for e in examples if e.module == "reader.decide")
+    inputs = {"question": by_id[example.question_id].question,
+              "passages": example.messages[-2]["content"].split("[[ ## passages ## ]]")[1].split("[[ ##")[0].strip()}
+    with dspy.context(lm=tiny_lm):
+        before = program.reader.decide(**inputs).answer
+    flipped = {"yes": "no", "no": "yes"}[before]
+    trained_example = SFTExample("reader.decide", example.messages,
+                                 reply_text(program.reader.decide, {"answer": flipped}))
+    config = SFTStageConfig(max_steps=8, batch_size=1, learning_rate=5e-3, train_layers=None)
+    trained = ModuleSFT(tmp_path / "out", config, modules=("reader.decide",)).compile(
+        program, examples=[trained_example])
+    assert trained.reader.decide(**inputs).answer == flipped
+    assert trained.reader.generate.lm is program.reader.generate.lm  # the other predictors keep their LM
