@@ -6,6 +6,9 @@ logged as which child run of which parent run, per tracking store. So:
 
 * re-running a finished experiment computes nothing and logs nothing;
 * a failed step is resumed by running again (finished steps are reused; the parent run is reopened);
+* a killed step is resumed in the child run it was logging to: the ledger records a run the moment it is
+  opened, every run opened under the ledger carries its id (tag ``apexdsp.ledger``), and a rerun first
+  ends as KILLED whatever such runs (and the stage runs below them) a killed process left RUNNING;
 * with MLflow down, ``--no-track`` computes anyway, and ``--log-only`` later logs what was computed,
   without recomputing it;
 * a lock file keeps two processes from running the same experiment at once, and a lock per step makes an
@@ -21,6 +24,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,16 +90,55 @@ def step_lock(cache_root: Path, key: str, on_wait: Callable[[str], None]) -> con
 
 
 class Ledger:
-    """Which step was logged as which MLflow run, per tracking store and experiment plan (JSON, atomic)."""
+    """Which step was logged as which MLflow run, per tracking store and experiment plan (JSON, atomic).
+
+    ``children`` maps a step to its finished child run, ``open`` a step to the child run it is logging to
+    while it is computed (what a rerun after a kill resumes); ``id`` tags every run opened under the ledger.
+    """
 
     def __init__(self, path: Path, tracking_uri: str, plan_key: str):
         self.path = path
         self.slot = f"{tracking_uri} {plan_key}"
         self._data = json.loads(path.read_text()) if path.is_file() else {}
         self.entry = self._data.setdefault(self.slot, {"parent": None, "children": {}})
+        self.entry.setdefault("open", {})
+        if "id" not in self.entry:  # saved before any run carries it, so a rerun finds what a kill left
+            self.entry["id"] = uuid.uuid4().hex
+            self.save()
+
+    @property
+    def tag(self) -> dict[str, str]:
+        return {"apexdsp.ledger": self.entry["id"]}
 
     def save(self) -> None:
         write_json_atomic(self._data, self.path)
+
+
+def end_interrupted_runs(ledger: Ledger) -> list[str]:
+    """End as KILLED every run of ``ledger`` still RUNNING, and the RUNNING runs nested below them.
+
+    Called under the experiment lock, before any run is opened: no live process is logging to them, so
+    each was left by a process that was killed. Returns their ids.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from apexdsp.tracking.store import configure_tracking
+
+    client = MlflowClient(configure_tracking())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    running = "attributes.status = 'RUNNING'"
+    found = [r.info.run_id for r in client.search_runs(
+        experiments, f"tags.`apexdsp.ledger` = '{ledger.entry['id']}' and {running}", max_results=1000)]
+    ended: list[str] = []
+    while found:
+        run_id = found.pop()
+        client.set_terminated(run_id, status="KILLED")
+        ended.append(run_id)
+        found += [r.info.run_id for r in client.search_runs(
+            experiments, f"tags.`mlflow.parentRunId` = '{run_id}' and {running}", max_results=1000)]
+    return ended
 
 
 def metric_name(text: str) -> str:
@@ -163,8 +206,11 @@ class ExperimentRunner:
 
     def _run_tracked(self, ledger: Ledger, log_only: bool) -> RunSummary:
         children = ledger.entry["children"]
+        ended = end_interrupted_runs(ledger)
+        for run_id in ended:
+            self.console.print(f"[dim]MLflow run {run_id} was left running by a killed process: ended as KILLED[/]")
         pending = [s for s in self.steps if s.key not in children and (self.is_done(s) or not log_only)]
-        if not pending:  # everything computed and logged: no MLflow run is opened
+        if not pending and ledger.entry["parent"] not in ended:  # all computed and logged: no run is opened
             reports = [self._report(step, "cached", children.get(step.key)) for step in self.steps]
             for report in reports:
                 self.console.print(f"[dim]{report.label} ({report.kind}): done, logged as {report.run_id}[/]")
@@ -179,14 +225,13 @@ class ExperimentRunner:
                         self.console.print(f"[yellow]{step.label} ({step.kind}): not computed yet, not logged[/]")
                         reports.append(StepReport(step.label, step.kind, step.key, "skipped"))
                     else:
-                        report = self._tracked_step(step)
+                        report = self._tracked_step(step, ledger)
                         children[step.key] = report.run_id
+                        ledger.entry["open"].pop(step.key, None)
                         ledger.save()
                         reports.append(report)
                 self._log_parent_summary(reports)
-        except TrackingUnavailable:
-            raise
-        except ApexError:
+        except ApexError:  # TrackingUnavailable included
             raise
         except Exception as error:
             if _is_tracking_error(error):
@@ -210,7 +255,7 @@ class ExperimentRunner:
             return
         tags = {"apexdsp.kind": "experiment", "apexdsp.spec": self.spec.name, "apexdsp.plan": self.plan_key()}
         with tracked_run(self.spec.mlflow_experiment, run_name=self.spec.name, params=self._spec_params(),
-                         tags=tags) as run:
+                         tags={**tags, **ledger.tag}) as run:
             ledger.entry["parent"] = run.run_id
             ledger.save()
             run.log_json(self.spec.model_dump(mode="json"), "spec.json")
@@ -228,20 +273,49 @@ class ExperimentRunner:
             params["train"] = spec.data.train.describe()
         return params
 
-    def _tracked_step(self, step: Step) -> StepReport:
+    def _tracked_step(self, step: Step, ledger: Ledger) -> StepReport:
         import mlflow
+
+        with self._child_run(step, ledger) as run_id:
+            report = self._execute(step, run_id)
+            self._log_result(step)
+            mlflow.set_tag("apexdsp.reused", str(report.status == "cached").lower())
+        return report
+
+    @contextlib.contextmanager
+    def _child_run(self, step: Step, ledger: Ledger) -> Iterator[str]:
+        """The step's child run: the one a killed attempt left open (resumed), else a new one, recorded in
+        the ledger as soon as it exists. A step that fails ends its run FAILED; a rerun opens a new one."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
 
         from apexdsp.tracking import ensure_experiment
 
         experiment_id = ensure_experiment(self.spec.mlflow_experiment)
-        run_name = f"{self.spec.name}/{step.kind}:{step.label}"
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=True) as child:
-            mlflow.set_tags({"apexdsp.kind": "step", "apexdsp.step": step.kind, "apexdsp.label": step.label,
-                             "apexdsp.step_key": step.key, "apexdsp.spec": self.spec.name})
-            report = self._execute(step, child.info.run_id)
-            self._log_result(step)
-            mlflow.set_tag("apexdsp.reused", str(report.status == "cached").lower())
-        return report
+        opened = ledger.entry["open"]
+        run = None
+        if step.key in opened:
+            try:
+                run = mlflow.start_run(run_id=opened[step.key], nested=True)
+                self.console.print(f"[dim]{step.label} ({step.kind}): resuming MLflow run {run.info.run_id}[/]")
+            except MlflowException:  # deleted, or gone from the store: a new run takes its place
+                pass
+        resumed = run is not None
+        if not resumed:
+            tags = {"apexdsp.kind": "step", "apexdsp.step": step.kind, "apexdsp.label": step.label,
+                    "apexdsp.step_key": step.key, "apexdsp.spec": self.spec.name, **ledger.tag}
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{self.spec.name}/{step.kind}:{step.label}",
+                                   nested=True, tags=tags)
+        with run:
+            if not resumed:
+                opened[step.key] = run.info.run_id
+                ledger.save()
+            try:
+                yield run.info.run_id
+            except BaseException:
+                opened.pop(step.key, None)
+                ledger.save()
+                raise
 
     def _execute(self, step: Step, run_id: str | None) -> StepReport:
         """The step's result: from its cache folder if done, else computed now and written there."""

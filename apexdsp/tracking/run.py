@@ -169,11 +169,11 @@ def tracked_run(
     experiment_id = ensure_experiment(experiment)
     if isinstance(data_files, list):
         data_files = {f"data_{i}": path for i, path in enumerate(data_files)}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested) as active:
+    # ``tags`` are written with the run itself: a run never exists without them, even if the process dies
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
+                          tags={k: str(v) for k, v in (tags or {}).items()}) as active:
         run = TrackedRun(active)
         run.set_tags({"git_commit": git_commit(), **{f"version.{k}": v for k, v in library_versions().items()}})
-        if tags:
-            run.set_tags(tags)
         all_params = dict(params or {})
         if data_files:
             all_params.update(data_file_params(data_files))
