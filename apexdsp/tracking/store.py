@@ -2,11 +2,13 @@
 
 The default keeps the database and artifacts together in the project cache (``.apexdsp/mlflow.db`` and
 ``.apexdsp/mlartifacts``), so ``mlflow ui --backend-store-uri sqlite:///.apexdsp/mlflow.db`` shows them.
+A new sqlite store appears complete or not at all (:func:`ensure_sqlite_store`).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from apexdsp.errors import ApexError
@@ -50,12 +52,48 @@ def probe_tracking(uri: str, advice: str = "") -> None:
 
 
 def configure_tracking() -> str:
-    """Point MLflow at the project's store; returns the URI in use."""
+    """Point MLflow at the project's store (creating a sqlite one if needed); returns the URI in use."""
     import mlflow
 
     uri = default_tracking_uri()
+    ensure_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create the sqlite store at ``uri`` if there is none yet, so that it appears complete or not at all.
+
+    MLflow builds a new store in place (its tables, then a chain of schema migrations: seconds), and a
+    process killed part-way leaves a database that every later open fails on ("table ... already exists").
+    Here it is built under a temporary name in the same folder and renamed into place once complete, under
+    a lock beside it (``.<name>.lock``) so that two processes never build it at once; temporaries a killed
+    build left are removed by the next one.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    if database.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from apexdsp.locks import held_lock
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with held_lock(database.with_name(f".{database.name}.lock")):
+        if database.exists():  # another process built it while this one waited
+            return
+        for leftover in database.parent.glob(f".{database.name}.*.tmp*"):  # and its -journal
+            leftover.unlink(missing_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{database.name}.", suffix=".tmp", dir=database.parent)
+        os.close(handle)
+        try:
+            quiet_mlflow_logs()
+            store = SqlAlchemyStore(f"sqlite:///{name}", artifact_root(uri).as_uri())
+            store.engine.dispose()  # closed: no journal is left beside it
+            os.replace(name, database)
+        finally:
+            Path(name).unlink(missing_ok=True)
 
 
 def ensure_experiment(name: str) -> str:
