@@ -35,8 +35,9 @@ from apexdsp.optimizers.module_prompts import (ModulePrompt, ModulePromptCollect
                                                current_adapter, find_predictor, load_prompts, prompts_key,
                                                save_prompts, trainer_prompt)
 from apexdsp.optimizers.module_rewards import ModuleReward, TRLRewardFunction, build_module_reward
-from apexdsp.optimizers.trained_lm import (copy_program, is_trained, module_lm, read_manifest,
-                                           save_trained_weights, trainable_model_dir, use_trained_lm, weights_dir)
+from apexdsp.optimizers.trained_lm import (SETTINGS_DIGEST, copy_program, model_identity, module_lm, read_manifest,
+                                           reusable_weights, save_trained_weights, settings_digest,
+                                           trainable_model_dir, use_trained_lm, weights_dir)
 from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
 from apexdsp.tracking.run import tracked_run, write_json_atomic
 
@@ -108,7 +109,10 @@ class ModuleGRPO(Teleprompter):
         name = name or module
         target = weights_dir(self.out_dir, name)
         work = self.out_dir / "grpo" / name
-        if config.resume and is_trained(target):
+        digest = settings_digest(config, module=module, reward=reward, reward_options=reward_options,
+                                 base_model=model_identity(base_dir),
+                                 prompts=prompts_key(module, as_questions(trainset), program))
+        if config.resume and reusable_weights(target, digest):
             logger.info("GRPO %s: trained weights already in %s; reusing them", module, target)
             use_trained_lm([predictor], target, base_lm)
             self.result = GRPOResult(module, target, None, read_manifest(target).get("steps", 0), 0, 0.0, reused=True)
@@ -130,7 +134,7 @@ class ModuleGRPO(Teleprompter):
         with tracked_run(self.experiment, run_name=f"grpo-{name}", params=params, nested=_has_active_run(),
                          tags={"apexdsp.kind": "grpo", "apexdsp.module": module}) as run:
             trainer, monitor = self._trainer(config, base_dir, prompts, reward_fn, work, module)
-            checkpoint = last_checkpoint(work / "checkpoints") if config.resume else None
+            checkpoint = last_checkpoint(work / "checkpoints", digest) if config.resume else None
             if checkpoint:
                 logger.info("GRPO %s: resuming from %s", module, checkpoint)
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -139,7 +143,7 @@ class ModuleGRPO(Teleprompter):
             result = self._report(run, module, target, trainer, monitor, history, len(prompts), seconds, work)
             manifest = {"module": module, "reward": module_reward.name, "base_model": str(base_dir),
                         "steps": trainer.state.global_step, "config": config.to_dict(), "mlflow_run": run.run_id,
-                        "lora_merged": config.use_lora}
+                        "lora_merged": config.use_lora, SETTINGS_DIGEST: digest}
             save_trained_weights(trainer.model, trainer.processing_class, target, manifest)
             run.log_json(manifest, f"weights/{name}/{target.name}-manifest.json")
         if not config.keep_checkpoints:  # the weights are saved: the checkpoints only cost disk from here

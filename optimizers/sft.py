@@ -33,7 +33,8 @@ from apexdsp.optimizers.grpo_config import LoraOptions
 from apexdsp.optimizers.grpo_tracking import MlflowStepLogger
 from apexdsp.optimizers.sft_examples import (SFTExample, collect_sft_examples, module_predictors,
                                              tokenize_example)
-from apexdsp.optimizers.trained_lm import (copy_program, is_trained, module_lm, save_trained_weights,
+from apexdsp.optimizers.trained_lm import (SETTINGS_DIGEST, copy_program, model_identity, module_lm,
+                                           reusable_weights, save_trained_weights, settings_digest,
                                            trainable_model_dir, use_trained_lm, weights_dir)
 from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
 from apexdsp.tracking.run import tracked_run, write_json_atomic
@@ -151,7 +152,10 @@ class ModuleSFT(Teleprompter):
         base_dir = trainable_model_dir(base_lm, ",".join(predictors))
         name = self.name or "+".join(self.modules)
         target, work = weights_dir(self.out_dir, name), self.out_dir / "sft" / name
-        if config.resume and is_trained(target):
+        digest = settings_digest(config, modules=list(predictors), reward=self.reward, min_reward=self.min_reward,
+                                 base_model=model_identity(base_dir),
+                                 data=examples if examples is not None else trainset)
+        if config.resume and reusable_weights(target, digest):
             use_trained_lm(list(predictors.values()), target, base_lm)
             return program
         if examples is None:
@@ -168,7 +172,7 @@ class ModuleSFT(Teleprompter):
         with tracked_run(self.experiment, run_name=f"sft-{name}", params=params, nested=_has_active_run(),
                          tags={"apexdsp.kind": "sft"}) as run:
             trainer = self._trainer(base_dir, examples, work)
-            checkpoint = last_checkpoint(work / "checkpoints") if config.resume else None
+            checkpoint = last_checkpoint(work / "checkpoints", digest) if config.resume else None
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             seconds = time.perf_counter() - started
             tokens = sum(len(row["input_ids"]) for row in trainer.train_dataset)
@@ -180,7 +184,7 @@ class ModuleSFT(Teleprompter):
             save_trained_weights(trainer.model, trainer.processing_class, target,
                                  {"modules": list(predictors), "kind": "sft", "examples": len(examples),
                                   "steps": trainer.state.global_step, "base_model": str(base_dir),
-                                  "source": config.source, "mlflow_run": run.run_id})
+                                  "source": config.source, "mlflow_run": run.run_id, SETTINGS_DIGEST: digest})
         write_json_atomic(self.report, work / "report.json")
         if not config.keep_checkpoints:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)

@@ -9,13 +9,18 @@ time (MAPGRPO) never disturbs the ones trained before.
 
 Trained weights are written to a staging folder and renamed into place only when complete, so a crash
 never leaves a half-written folder where a good one was; ``apexdsp-trained.json`` inside says what was
-trained from what, and its presence marks the folder finished.
+trained from what, and its presence marks the folder finished. It also records a digest of everything
+the training depended on (:func:`settings_digest`): weights are reused only by a stage with the same one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +30,13 @@ import dspy
 
 from apexdsp.errors import ApexError
 
+logger = logging.getLogger(__name__)
+
 TRAINED_MANIFEST = "apexdsp-trained.json"
+SETTINGS_DIGEST = "settings_digest"  # the manifest's field
+# Settings of a stage config that change how training is kept or watched, not what it learns.
+BOOKKEEPING_SETTINGS = frozenset({"resume", "keep_checkpoints", "save_steps", "save_total_limit", "logging_steps",
+                                  "zero_std_warning", "num_threads"})
 
 
 class ModelNotTrainable(ApexError):
@@ -75,15 +86,68 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads((folder / TRAINED_MANIFEST).read_text(encoding="utf-8"))
 
 
+def settings_digest(config: Any, **parts: Any) -> str:
+    """A digest of what a stage's training depends on: its config (a dataclass, bookkeeping fields left
+    out) and ``parts`` (module names, the base model's :func:`model_identity`, the training data...).
+
+    Records, examples and dataclasses count by their content; any other object by its type's name."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in BOOKKEEPING_SETTINGS}
+    text = json.dumps({"config": settings, **parts}, sort_keys=True, default=_content)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _content(value: Any) -> Any:
+    if hasattr(value, "model_dump"):  # a pydantic record
+        return value.model_dump(mode="json")
+    if hasattr(value, "toDict"):  # a dspy.Example
+        return value.toDict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(str, value))
+    return type(value).__qualname__  # stable across processes, unlike repr's address
+
+
+def model_identity(model_dir: Path) -> str:
+    """What a base model is for :func:`settings_digest`: trained weights by their own digest (so a stage
+    trained again changes the stages trained from it), any other model folder by its path."""
+    if is_trained(model_dir):
+        return read_manifest(model_dir).get(SETTINGS_DIGEST) or str(model_dir)
+    return str(model_dir)
+
+
+def reusable_weights(target: Path, digest: str) -> bool:
+    """Whether ``target`` holds finished weights trained under ``digest`` (see :func:`settings_digest`).
+
+    Weights trained with other settings, or saved without a digest, are not reused: the stage trains again
+    into place, and says so."""
+    if not is_trained(target):
+        return False
+    try:
+        recorded = read_manifest(target).get(SETTINGS_DIGEST)
+    except ValueError:
+        recorded = None
+    if recorded != digest:
+        logger.warning("trained weights in %s were trained with other settings (digest %s, now %s): training "
+                       "again into place", target, recorded or "not recorded", digest)
+        return False
+    remove_stale_saves(target)
+    return True
+
+
 def save_trained_weights(model: Any, tokenizer: Any, target: Path, manifest: dict[str, Any]) -> Path:
     """Save ``model`` (a PEFT model is merged first) as safetensors with its tokenizer, atomically.
 
     Written to a temporary folder beside ``target`` and renamed over it when complete; the old folder,
-    if any, is removed only after the new one is in place.
+    if any, is removed only after the new one is in place. What a killed save of ``target`` left beside
+    it is removed first (:func:`remove_stale_saves`).
     """
     if hasattr(model, "merge_and_unload"):  # LoRA: the module's LM serves plain merged weights
         model = model.merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_saves(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
@@ -102,6 +166,19 @@ def save_trained_weights(model: Any, tokenizer: Any, target: Path, manifest: dic
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def remove_stale_saves(target: Path) -> list[str]:
+    """Remove the staging folders (``.<name>-XXXXXXXX``, :func:`tempfile.mkdtemp`'s eight characters) and
+    the replaced folder (``.<name>.old``) that a killed save of ``target`` leaves; returns their names.
+    Another name's folders are left alone, even one that starts like this one (``reader`` and ``reader-x``)."""
+    stale = re.compile(rf"\.{re.escape(target.name)}(-[a-z0-9_]{{8}}|\.old)")
+    removed = []
+    for path in target.parent.iterdir() if target.parent.is_dir() else []:
+        if stale.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def lm_over(folder: Path, like: Any) -> Any:
@@ -153,6 +230,7 @@ def trained_weights(program: dspy.Module) -> dict[str, Path]:
     return found
 
 
-__all__ = ["ModelNotTrainable", "TRAINED_MANIFEST", "copy_program", "is_trained", "lm_over", "module_lm",
-           "read_manifest", "save_trained_weights", "trainable_model_dir", "trained_weights", "use_trained_lm",
+__all__ = ["ModelNotTrainable", "SETTINGS_DIGEST", "TRAINED_MANIFEST", "copy_program", "is_trained", "lm_over",
+           "model_identity", "module_lm", "read_manifest", "remove_stale_saves", "reusable_weights",
+           "save_trained_weights", "settings_digest", "trainable_model_dir", "trained_weights", "use_trained_lm",
            "weights_dir"]
