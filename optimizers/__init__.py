@@ -3,7 +3,8 @@
 Every optimizer takes its settings in ``__init__`` and answers DSPy's ``compile(student, *, trainset,
 valset=None, teacher=None)``, returning a new program (the student is never modified):
 
-* :class:`RewardBootstrap` (:class:`BootstrapConfig`): reward-gated few-shot demos, chosen on a valset;
+* :class:`RewardBootstrap` (:class:`BootstrapConfig`, :class:`DemoGates`): reward-gated few-shot demos,
+  chosen on a valset;
 * :class:`ChoiceCalibration`: the offsets of the yes/no and A/B answer steps;
 * :class:`ModuleSFT` (:class:`SFTStageConfig`): supervised fine-tuning of some modules' LM, on calls rebuilt
   from annotations or on the program's own successful runs;
@@ -14,6 +15,12 @@ valset=None, teacher=None)``, returning a new program (the student is never modi
 :func:`save_compiled` / :func:`load_compiled` write and read a compiled program (JSON state plus one
 safetensors folder per trained module); :func:`log_compiled_model` logs one as an MLflow pyfunc model
 (:class:`CompiledProgramModel`), which ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run.
+A plain ``dspy.Module`` of one's own compiles with the same names (docs/guide.md, "Your own DSPy program"):
+``RewardBootstrap(metric=...)`` keeps the teacher's runs that a DSPy metric ``metric(example, prediction,
+trace)`` accepts; ``ModuleSFT(metric=...)`` with ``SFTStageConfig(source="traces")`` imitates them
+(``compile(..., teacher=)`` imitates a teacher program's); ``ModuleGRPO(reward=fn)`` trains on a function
+``fn(question, outputs, completion) -> float``; ``load_compiled(..., program=)`` takes a fresh instance.
+
 Imported lazily: importing this package loads neither torch nor TRL.
 """
 
@@ -25,7 +32,7 @@ if TYPE_CHECKING:
     from apexdsp.optimizers.bootstrap import RewardBootstrap
     from apexdsp.optimizers.calibration import ChoiceCalibration
     from apexdsp.optimizers.compiled import load_compiled, save_compiled
-    from apexdsp.optimizers.config import BootstrapConfig
+    from apexdsp.optimizers.config import BootstrapConfig, DemoGates
     from apexdsp.optimizers.grpo import ModuleGRPO
     from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
     from apexdsp.optimizers.mlflow_model import CompiledProgramModel, log_compiled_model
@@ -35,6 +42,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "RewardBootstrap": "apexdsp.optimizers.bootstrap",
     "BootstrapConfig": "apexdsp.optimizers.config",
+    "DemoGates": "apexdsp.optimizers.config",
     "ChoiceCalibration": "apexdsp.optimizers.calibration",
     "ModuleGRPO": "apexdsp.optimizers.grpo",
     "ModuleGRPOConfig": "apexdsp.optimizers.grpo_config",

@@ -6,11 +6,15 @@
 
 The shape is DSPy's ``BootstrapFewShotWithRandomSearch``; what differs is *which* traces become demos.
 DSPy keeps a trace when one metric accepts the final answer, and then every module call in it becomes a
-demo. A multi-hop agent can reach a right answer through a bad plan (the small model guessed) and a
-wrong answer through a good one (the reader failed), so here each module's call must also pass its own
-reward: a plan is shown only if its decomposition reward is high, a query only if it found a gold
-paragraph, an answer only if it is right (:mod:`apexdsp.optimizers.demos`). The teacher runs the
-questions in threads so the batching LM backend decodes them together.
+demo. Here the trace gate is that metric when one is given (``metric=``, DSPy's rule, ``metric_threshold``
+as in DSPy), else apexdsp's answer gates (:class:`~apexdsp.optimizers.config.DemoGates`). A multi-hop
+agent can reach a right answer through a bad plan (the small model guessed) and a wrong answer through a
+good one (the reader failed), so each module's call must also pass its own reward where the program
+records what it checks: a plan is shown only if its decomposition reward is high, a query only if it
+found a gold paragraph, an answer only if it is right (:mod:`apexdsp.optimizers.demos`). A call whose
+output is junk (a template echo, no word) is never a demo. The report says which gates applied
+(``trace_gate``, ``gates_not_applied``) and why calls were turned down (``rejected_reasons``). The teacher
+runs the questions in threads so the batching LM backend decodes them together.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
@@ -37,8 +41,8 @@ from apexdsp.optimizers.compiled import examples_digest
 from apexdsp.optimizers.calibration import CalibrationConfig, CalibrationReport, ChoiceCalibration
 from apexdsp.optimizers.candidates import CandidateScore, Metric, build_candidates, score_candidate, with_demos
 from apexdsp.optimizers.config import BootstrapConfig
-from apexdsp.optimizers.demos import Demo, TraceVerdict, labeled_plan_demos
-from apexdsp.optimizers.teacher_pass import Outcomes, pooled, run_teacher
+from apexdsp.optimizers.demos import Demo, TraceVerdict, labeled_plan_demos, metric_name
+from apexdsp.optimizers.teacher_pass import Outcomes, gates_summary, pooled, rejection_reasons, run_teacher
 from apexdsp.programs.shared import Shared
 
 logger = logging.getLogger(__name__)
@@ -74,6 +78,9 @@ class BootstrapReport(BaseModel):
     selection_seconds: float
     calibration: CalibrationReport | None = None  # the choice offsets fitted after selection
     teacher_resumed: int = 0  # training questions whose teacher run an interrupted compile had saved
+    trace_gate: str = ""  # what decided that a run was good
+    gates_not_applied: dict[str, str] = Field(default_factory=dict)  # gate -> why it could not apply
+    rejected_reasons: dict[str, int] = Field(default_factory=dict)  # "<predictor>: <why>" -> calls turned down
 
     def best(self) -> dict[str, Any]:
         return next(c for c in self.candidates if c["index"] == self.chosen)
@@ -83,8 +90,12 @@ class RewardBootstrap(Teleprompter):
     """A DSPy teleprompter: ``compile(student, *, trainset, valset=None, teacher=None)`` -> the student with
     reward-gated demos attached to each predictor.
 
-    ``metric``: a DSPy metric ``metric(example, prediction, trace) -> float`` that picks the best candidate
-    on the valset instead of ``config.metric``. ``retriever``: the index the executability reward searches;
+    ``metric``: a DSPy metric ``metric(example, prediction, trace) -> float | bool``. It decides which of the
+    teacher's runs become demos (DSPy's rule: truthy, or at least ``metric_threshold`` when given), instead
+    of the answer gates of ``config.gates``, and it picks the best candidate on the valset instead of
+    ``config.metric``. ``teacher_settings``: ``dspy.context`` settings for the teacher's runs (e.g. a
+    stronger ``lm``). ``hints``: whether errors name the Python settings or the command line's flags.
+    ``retriever``: the index the executability reward searches;
     by default the one the student searches. ``labeled_plans``: questions with gold decompositions
     (MuSiQue) whose plans join the planner's demo pool when they pass its gate (see
     :func:`~apexdsp.optimizers.demos.labeled_plan_demos`). ``checkpoint``: a file where finished phases
@@ -94,11 +105,14 @@ class RewardBootstrap(Teleprompter):
     """
 
     def __init__(self, config: BootstrapConfig | None = None, *, metric: Metric | None = None,
-                 retriever: Retriever | None = None, teacher_settings: dict[str, Any] | None = None,
-                 labeled_plans: Sequence[Question] | None = None, checkpoint: str | Path | None = None):
+                 metric_threshold: float | None = None, retriever: Retriever | None = None,
+                 teacher_settings: dict[str, Any] | None = None, labeled_plans: Sequence[Question] | None = None,
+                 checkpoint: str | Path | None = None, hints: Literal["python", "cli"] = "python"):
         super().__init__()
         self.config = config or BootstrapConfig()
         self.metric = metric
+        self.metric_threshold = metric_threshold
+        self.hints = hints
         self.retriever = retriever
         self.teacher_settings = dict(teacher_settings or {})
         self.labeled_plans = list(labeled_plans or [])
@@ -121,11 +135,12 @@ class RewardBootstrap(Teleprompter):
         if checkpoint is not None and checkpoint.bootstrap is not None:
             pool, rejected, verdicts, errors = checkpoint.load_bootstrap()
             _say(self.config, f"bootstrap: resumed from {checkpoint.path} ({len(verdicts)} traces judged)")
-            resumed = len(verdicts)
+            resumed, reasons = len(verdicts), Counter()
         else:
             done = checkpoint.teacher_outcomes() if checkpoint is not None else {}
             resumed = len(done)
-            pool, rejected, verdicts, errors = self._bootstrap(teacher, train, names, retriever, checkpoint, done)
+            pool, rejected, verdicts, errors, reasons = self._bootstrap(teacher, train, names, retriever,
+                                                                        checkpoint, done)
             if checkpoint is not None:
                 checkpoint.save_bootstrap(pool, rejected, verdicts, errors)
         bootstrap_seconds = time.perf_counter() - started
@@ -153,20 +168,40 @@ class RewardBootstrap(Teleprompter):
                               bootstrap_seconds, selection_seconds)
         self.report.calibration = calibration
         self.report.teacher_resumed = resumed
-        _say(self.config, f"chosen: {best.label} ({self.config.metric} {best.metric:.3f} on "
+        self.report.trace_gate, self.report.gates_not_applied = gates_summary(
+            self.config.gates, verdicts, train, student, self.metric, self.metric_threshold)
+        self.report.rejected_reasons = dict(reasons.most_common())
+        for gate, why in self.report.gates_not_applied.items():
+            _say(self.config, f"bootstrap: gate not applied: {gate}: {why}")
+        _say(self.config, f"chosen: {best.label} ({self._metric_label} {best.metric:.3f} on "
                           f"{len(val or train)} validation questions)")
         return compiled
 
+    @property
+    def _metric_label(self) -> str:
+        return metric_name(self.metric) if self.metric is not None else self.config.metric
+
+    @property
+    def _teacher_hint(self) -> str:
+        return "" if self.hints == "cli" else " (compile(..., teacher=) or teacher_settings={'lm': ...})"
+
+    def _hint(self, *settings: str) -> str:
+        if self.hints == "cli":
+            return ", ".join("--" + name.replace("_", "-") for name in settings)
+        return f"BootstrapConfig(gates=DemoGates({', '.join(f'{name}=...' for name in settings)}))"
+
     def _bootstrap(self, teacher: dspy.Module, train: list[dspy.Example], names: dict[int, str],
                    retriever: Retriever | None, checkpoint: CompileCheckpoint | None,
-                   done: Outcomes) -> tuple[dict[str, list[Demo]], Counter, list[TraceVerdict], int]:
+                   done: Outcomes) -> tuple[dict[str, list[Demo]], Counter, list[TraceVerdict], int, Counter]:
         _say(self.config, f"bootstrap: running the teacher on {len(train) - len(done)} training questions"
                           + (f" ({len(done)} judged before the compile was interrupted)" if done else ""))
         with dspy.context(**self.teacher_settings):
             outcomes = run_teacher(teacher, train, names, self.config.gates, retriever, threads=self.config.threads,
                                    progress=self.config.progress, done=done,
-                                   on_outcome=checkpoint.save_teacher_outcomes if checkpoint is not None else None)
+                                   on_outcome=checkpoint.save_teacher_outcomes if checkpoint is not None else None,
+                                   metric=self.metric, metric_threshold=self.metric_threshold)
         pool, rejected, verdicts, errors = pooled(outcomes)
+        reasons = rejection_reasons(outcomes)
         passed = Counter(v.reason for v in verdicts if v.passed)
         if self.labeled_plans:
             planners = [name for predictor, name in names.items() if _is_planner(predictor, teacher)]
@@ -182,16 +217,27 @@ class RewardBootstrap(Teleprompter):
                           f"({', '.join(f'{n} on {k}' for k, n in passed.items()) or 'none'}); {errors} raised; "
                           f"demos per predictor: {', '.join(f'{k}={len(v)}' for k, v in pool.items()) or 'none'}")
         if not passed:
-            reasons = Counter(v.reason for v in verdicts)
+            failed = Counter(v.reason for v in verdicts)
+            if self.metric is not None:
+                relax = ("a lower metric_threshold" if self.metric_threshold is not None
+                         else f"a metric that accepts more runs than {metric_name(self.metric)}")
+            elif self.hints == "cli":
+                relax = f"relax the gates ({self._hint('min_answer_f1', 'accept_hit')})"
+            else:
+                relax = (f"relax the gates ({self._hint('min_answer_f1', 'accept_hit')}), or pass "
+                         "RewardBootstrap(metric=...) to judge the runs with your own metric")
             raise ApexError(
                 f"bootstrap: no trace of {len(train)} training questions passed the gates "
-                f"({'; '.join(f'{n}x {r}' for r, n in reasons.most_common(3))}); use more training questions, "
-                "a stronger teacher, or relax the gates (--min-answer-f1, --accept-hit)")
+                f"({'; '.join(f'{n}x {r}' for r, n in failed.most_common(3))}); use more training questions, "
+                f"a stronger teacher{self._teacher_hint}, or {relax}")
         if not pool:
+            shown = reasons.most_common(3) or sorted(rejected.items())
             raise ApexError(
                 f"bootstrap: {sum(passed.values())} traces passed, but no module call passed its own gate "
-                f"(rejected: {dict(rejected)}); relax --min-plan-reward or --min-final-answer-f1")
-        return pool, rejected, verdicts, errors
+                f"(rejected: {'; '.join(f'{n}x {r}' for r, n in shown)}); use a stronger teacher{self._teacher_hint}, "
+                f"or relax "
+                f"{self._hint('min_plan_reward', 'min_final_answer_f1')}")
+        return pool, rejected, verdicts, errors, reasons
 
     def _open_checkpoint(self, student: dspy.Module, train: list[dspy.Example],
                          val: list[dspy.Example] | None) -> CompileCheckpoint | None:
@@ -200,7 +246,8 @@ class RewardBootstrap(Teleprompter):
         key = fingerprint([n for n, _ in student.named_predictors()],
                           self.config.model_dump(exclude={"threads", "progress"}), examples_digest(train),
                           examples_digest(val or []), examples_digest(self.labeled_plans),
-                          getattr(self.metric, "__name__", None))
+                          getattr(self.metric, "__name__", None),
+                          *([self.metric_threshold] if self.metric_threshold is not None else []))
         return CompileCheckpoint(self.checkpoint, key)
 
     def _search(self, student: dspy.Module, demo_sets: list[dict[str, list[Demo]]], val: list[dspy.Example],
@@ -236,7 +283,7 @@ class RewardBootstrap(Teleprompter):
                                     index=index, label=label)
             if checkpoint is not None:
                 checkpoint.save_candidate(index, score.__dict__)
-        _say(self.config, f"  {label}: {self.config.metric} {score.metric:.3f}, F1 {score.f1:.3f}, "
+        _say(self.config, f"  {label}: {self._metric_label} {score.metric:.3f}, F1 {score.f1:.3f}, "
                           f"decomposition {_fmt(score.decomposition)}, copied demo answers {score.copy_rate:.2f}, "
                           f"{score.seconds:.0f}s")
         if index >= 0 or self.config.allow_zero_shot:
@@ -252,7 +299,8 @@ class RewardBootstrap(Teleprompter):
         return max((s for s in scores if s.index in programs), key=lambda s: s.key(self.config))
 
     def get_params(self) -> dict[str, Any]:
-        return {"config": self.config.model_dump(), "metric": getattr(self.metric, "__name__", None)}
+        return {"config": self.config.model_dump(), "metric": getattr(self.metric, "__name__", None),
+                "metric_threshold": self.metric_threshold}
 
 
 def as_examples(items: Sequence[dspy.Example | Question] | None) -> list[dspy.Example]:

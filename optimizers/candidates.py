@@ -17,7 +17,7 @@ import logging
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +26,11 @@ import dspy
 from apexdsp.indexes.base import Retriever
 from apexdsp.metrics import normalize_answer
 from apexdsp.optimizers.config import BootstrapConfig
-from apexdsp.optimizers.demos import Demo, judge_rollouts
+from apexdsp.optimizers.demos import Demo, Metric, judge_rollouts, metric_value
 from apexdsp.optimizers.rollouts import Rollout, run_traced
 
 logger = logging.getLogger(__name__)
 
-Metric = Callable[[dspy.Example, Any, Any], float | bool]
 DemoSet = dict[str, list[Demo]]
 
 
@@ -135,7 +134,7 @@ def score_candidate(program: dspy.Module, valset: Sequence[dspy.Example], *, con
     for rollout, verdict in zip(rollouts, verdicts):
         try:
             if metric is not None:
-                values.append(float(metric(rollout.example, rollout.prediction, None)))
+                values.append(metric_value(metric(rollout.example, rollout.prediction, None)))
             else:
                 values.append(builtin_metric(config.metric, rollout, verdict))
         except Exception as error:  # noqa: BLE001 - a broken metric costs its example, not the compile

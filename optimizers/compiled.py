@@ -140,7 +140,7 @@ def save_compiled(program: dspy.Module, directory: str | os.PathLike[str], *, lm
 
     target = Path(directory).expanduser().resolve()
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST_FILE).exists())):
-        raise ApexError(f"{target} exists and is not a compiled program; choose another --out")
+        raise ApexError(f"{target} exists and is not a compiled program; choose another directory")
     name, options = program_identity(program)
     predictors = [n for n, _ in program.named_predictors()]
     manifest = CompiledManifest(
@@ -266,15 +266,21 @@ def load_compiled(directory: str | os.PathLike[str], *, retriever: Any = None, p
 
 
 def _bind_weights(program: dspy.Module, manifest: CompiledManifest, folder: Path) -> None:
-    """Predictors with their own weights folder (later stages) get their own local LM served from it."""
+    """Predictors with their own weights folder (later stages) get their own local LM served from it, with
+    the sampling and engine settings of the local LM the caller configured (``max_tokens``, ``dtype``...), as
+    the compile gave the trained module those of the LM it was trained from."""
     bound = {name: b for name, b in manifest.modules.items() if b.weights}
     if not bound:
         return
+    from apexdsp.lm.engine import LocalEngine
     from apexdsp.lm.registry import get_lm
+    from apexdsp.optimizers.trained_lm import lm_over
 
+    like = dspy.settings.lm if isinstance(getattr(dspy.settings.lm, "engine", None), LocalEngine) else None
     for name, predictor in program.named_predictors():
         if name in bound:
-            predictor.lm = get_lm(str((folder / bound[name].weights).resolve()))
+            weights = (folder / bound[name].weights).resolve()
+            predictor.lm = lm_over(weights, like) if like is not None else get_lm(str(weights))
 
 
 __all__ = ["CompiledManifest", "CompiledProgram", "DataRef", "IndexRef", "ModuleBinding", "examples_digest",

@@ -1,9 +1,16 @@
 """From traces to demonstrations: which runs are good, and which module calls inside them are worth showing.
 
 A rollout (one training question run with tracing on) is judged twice. :func:`judge_rollouts` applies the
-trace gate of :class:`~apexdsp.optimizers.config.DemoGates` (was the run right?) and computes the
-decomposition reward of its plan; :func:`extract_demos` then applies each module's own gate to every
-``Predict`` call in a passing run and turns the calls that pass into demos.
+trace gate (was the run good?) and computes the decomposition reward of its plan; :func:`extract_demos`
+then applies each module's own gate to every ``Predict`` call in a passing run and turns the calls that
+pass into demos.
+
+The trace gate is the user's metric when there is one, by DSPy's rule (``BootstrapFewShot``): a run is
+good when ``metric(example, prediction, trace)`` is truthy, or at least ``metric_threshold``. Without a
+metric it is :class:`~apexdsp.optimizers.config.DemoGates`' answer F1 or, where the program records the
+passages it retrieved (an apexdsp ``Trajectory``), whether they hold the gold answer. A gate whose input
+the program does not record is not applied (and the compile reports it): it never rejects a run for it.
+Whatever the trace gate says, a call whose output is junk (a template echo, no word at all) is never a demo.
 
 A demo's outputs are the module's outputs *as the program used them*: the planner's plan as parsed and
 renumbered (``1. ... 2. ... #1``), a query as it was searched, an answer as it was cleaned. The raw text
@@ -13,7 +20,9 @@ of a 135M model is often the same content wrapped in noise; showing the noise wo
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +45,8 @@ from apexdsp.rewards import RewardResult, answer_reward, decomposition_rewards, 
 
 logger = logging.getLogger(__name__)
 
+Metric = Callable[[dspy.Example, Any, Any], Any]  # DSPy's metric(example, prediction, trace) -> float | bool
+
 
 @dataclass
 class TraceVerdict:
@@ -46,14 +57,15 @@ class TraceVerdict:
     reason: str  # the ground it passed on ("f1", "hit") or why it failed
     em: float = 0.0
     f1: float = 0.0
-    hit: float | None = None
+    hit: float | None = None  # None: the program records no retrieved passages
     plan: RewardResult | None = None
+    metric: float | None = None  # the user's metric, when it judged the run
 
     @property
     def score(self) -> float:
-        """How good the run was, to rank demos that have no module reward of their own: the
-        frozen-generator formula applied to the program's own answer (F1 + 0.5 * Hit)."""
-        return self.f1 + 0.5 * (self.hit or 0.0)
+        """How good the run was, to rank demos that have no module reward of their own: the user's metric,
+        else the frozen-generator formula applied to the program's own answer (F1 + 0.5 * Hit)."""
+        return self.metric if self.metric is not None else self.f1 + 0.5 * (self.hit or 0.0)
 
 
 @dataclass
@@ -80,9 +92,40 @@ def _has_planner(rollout: Rollout) -> bool:
     return any(_is(step[0], WritePlan) for step in rollout.trace)
 
 
-def judge_rollouts(rollouts: Sequence[Rollout], gates: DemoGates,
-                   retriever: Retriever | None = None) -> list[TraceVerdict]:
-    """The trace gate for every rollout, and the decomposition reward of each plan (searched in one batch)."""
+def metric_name(metric: Metric | None) -> str:
+    return getattr(metric, "__name__", type(metric).__name__) if metric is not None else ""
+
+
+def metric_value(result: Any) -> float:
+    """A metric's result as a number: a bool, a number, or a ``dspy.Prediction`` with a ``score`` (as DSPy's
+    feedback metrics return); anything else counts by its truth."""
+    value = getattr(result, "score", result)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float(bool(value))
+
+
+def metric_gate(metric: Metric, rollout: Rollout, threshold: float | None = None) -> tuple[bool, float | None, str]:
+    """DSPy's rule: ``(passed, value, reason)`` for ``metric(example, prediction, trace)``: passed when the
+    value is truthy, or at least ``threshold`` when one is given. One that raises or returns NaN fails the
+    run; the reason says so."""
+    name = metric_name(metric)
+    try:
+        number = metric_value(metric(rollout.example, rollout.prediction, rollout.trace))
+    except Exception as error:  # noqa: BLE001 - a metric bug costs its run, and is counted by reason
+        return False, None, f"metric {name} raised {type(error).__name__}"
+    if not math.isfinite(number):
+        return False, None, f"metric {name} returned {number}"
+    passed = number >= threshold if threshold is not None else bool(number)
+    return passed, number, "metric" if passed else (f"metric {name} < {threshold}" if threshold is not None
+                                                    else f"metric {name} false")
+
+
+def judge_rollouts(rollouts: Sequence[Rollout], gates: DemoGates, retriever: Retriever | None = None, *,
+                   metric: Metric | None = None, metric_threshold: float | None = None) -> list[TraceVerdict]:
+    """The trace gate for every rollout (``metric`` when given, else ``gates``), and the decomposition reward
+    of each plan (searched in one batch)."""
     planned = [r for r in rollouts if r.error is None and _has_planner(r)]
     plan_rewards = dict(zip(map(id, planned), decomposition_rewards(
         [r.question for r in planned], [_plan_input(r) for r in planned], retriever=retriever,
@@ -99,16 +142,31 @@ def judge_rollouts(rollouts: Sequence[Rollout], gates: DemoGates,
         if rollout.trajectory is not None and rollout.trajectory.retrieved:
             hit = frozen_generator_reward(rollout.question, rollout.trajectory.retrieved_texts(),
                                           rollout.answer).components["hit"]
-        if scores["f1"] >= gates.min_answer_f1:  # 0 accepts every run that finished
+        plan = plan_rewards.get(id(rollout))
+        if metric is not None:
+            passed, value, reason = metric_gate(metric, rollout, metric_threshold)
+            verdicts.append(TraceVerdict(rollout.question.id, passed, reason, scores["em"], scores["f1"], hit, plan,
+                                         value))
+            continue
+        if scores["f1"] >= gates.min_answer_f1 and (has_answer(rollout) or not gates.min_answer_f1):
+            # (0 accepts every run that finished)
             reason = "f1"
         elif gates.accept_hit and hit:
             reason = "hit"
+        elif not has_answer(rollout):
+            reason = "no answer field in the prediction"
         else:
-            reason = f"answer F1 < {gates.min_answer_f1}" + (" and gold answer not retrieved"
-                                                               if gates.accept_hit else "")
+            reason = f"answer F1 < {gates.min_answer_f1}" + (
+                "" if not gates.accept_hit else " and gold answer not retrieved" if hit is not None
+                else " (retrieval not recorded by the program)")
         verdicts.append(TraceVerdict(rollout.question.id, reason in ("f1", "hit"), reason, scores["em"],
-                                     scores["f1"], hit, plan_rewards.get(id(rollout))))
+                                     scores["f1"], hit, plan))
     return verdicts
+
+
+def has_answer(rollout: Rollout) -> bool:
+    """Whether the program's prediction has an ``answer`` the default trace gate can score."""
+    return rollout.prediction is not None and getattr(rollout.prediction, "answer", None) is not None
 
 
 def _signature(predictor: Any) -> Any:
@@ -116,7 +174,8 @@ def _signature(predictor: Any) -> Any:
 
 
 def _is(predictor: Any, signature: type) -> bool:
-    """Whether a predictor runs ``signature`` (by class, or by name after a state reload re-created it)."""
+    """Whether a predictor runs ``signature`` (by class, or by name after a state reload re-created it; a
+    user's own signature that happens to share the name is not apexdsp's and gets the generic gate)."""
     own = _signature(predictor)
     if own is None:
         return False
@@ -125,7 +184,15 @@ def _is(predictor: Any, signature: type) -> bool:
             return True
     except TypeError:
         return False
-    return getattr(own, "__name__", None) == signature.__name__
+    ours = str(getattr(own, "__module__", "")).startswith(("apexdsp.", "dspy."))
+    return ours and getattr(own, "__name__", None) == signature.__name__
+
+
+def query_writers(program: dspy.Module) -> list[str]:
+    """The predictors of ``program`` that write search queries with apexdsp's signatures (their demos are
+    gated on finding a gold paragraph)."""
+    return [name for name, predictor in program.named_predictors()
+            if any(_is(predictor, kind) for kind in (WriteQuery, RewriteQuery, WriteQueries))]
 
 
 def _fields(predictor: Any, kind: str, values: Any) -> dict[str, Any]:
@@ -136,12 +203,14 @@ def _fields(predictor: Any, kind: str, values: Any) -> dict[str, Any]:
 
 @dataclass
 class _Judged:
-    """A module call's gate result: passed, its ranking score, the outputs to show, reward components."""
+    """A module call's gate result: passed, its ranking score, the outputs to show, reward components, and
+    why it was turned down (empty: the module's gate, by its signature's name)."""
 
     passed: bool
     score: float
     outputs: dict[str, Any]
     rewards: dict[str, float]
+    why: str = ""
 
 
 def echoes_template(predictor: Any, outputs: dict) -> bool:
@@ -152,12 +221,33 @@ def echoes_template(predictor: Any, outputs: dict) -> bool:
     return any(f"{{{name}}}" in str(value) for value in outputs.values() for name in names)
 
 
+_HEADER_ECHO = re.compile(r"\[\[\s*##|##\s*\]\]")
+_WORD = re.compile(r"[^\W_]")
+
+
+def junk_output(predictor: Any, outputs: dict) -> str | None:
+    """Why a call's outputs must never be shown or imitated, or ``None``: a field that repeats the adapter's
+    template instead of filling it (``{question}``, a ``[[ ## answer ## ]]`` header) or that has no letter or
+    digit at all (``[#]`` lines, ``]]]]``), as a small LM writes when it loses the format. An empty field is
+    left to the module's own gate (a reflector's follow-up may be empty)."""
+    if echoes_template(predictor, outputs):
+        return "template echo"
+    for value in outputs.values():
+        text = "" if value is None else str(value).strip()
+        if _HEADER_ECHO.search(text):
+            return "template echo"
+        if text and not _WORD.search(text):
+            return "no words"
+    return None
+
+
 def _judge_call(predictor: Any, inputs: dict, outputs: dict, rollout: Rollout, verdict: TraceVerdict,
                 gates: DemoGates, first_plan: bool) -> _Judged:
     trace_rewards = {"answer_f1": verdict.f1, "answer_em": verdict.em, **({"hit": verdict.hit}
                                                                          if verdict.hit is not None else {})}
-    if echoes_template(predictor, outputs):
-        return _Judged(False, 0.0, outputs, {})
+    junk = junk_output(predictor, outputs)
+    if junk is not None:
+        return _Judged(False, 0.0, outputs, {}, f"junk output ({junk})")
     if _is(predictor, WritePlan):
         parsed = parse_plan(outputs.get("plan"), str(inputs.get("question", "")), max_steps=gates.plan_max_steps)
         reward = verdict.plan if first_plan else None
@@ -173,7 +263,8 @@ def _judge_call(predictor: Any, inputs: dict, outputs: dict, rollout: Rollout, v
         found = _query_found_gold(query, rollout)
         if found is None or not gates.require_query_hit:
             return _Judged(True, verdict.score, {**outputs, "query": query}, trace_rewards)
-        return _Judged(found, verdict.score + found, {**outputs, "query": query}, {**trace_rewards, "query_hit": found})
+        return _Judged(bool(found), verdict.score + found, {**outputs, "query": query},
+                       {**trace_rewards, "query_hit": found}, "" if found else "query found no gold paragraph")
     if _is(predictor, WriteQueries):  # QAgent: the queries the program would take from this output
         anchor = f"{inputs.get('question', '')} {inputs.get('plan', '')}"
         queries = parse_queries(str(outputs.get("queries") or ""), [], [], limit=3, anchor=anchor)
@@ -212,8 +303,9 @@ def _judge_call(predictor: Any, inputs: dict, outputs: dict, rollout: Rollout, v
         return _Judged(usable, verdict.score, {**outputs, "enough": "yes" if enough else "no",
                                                "follow_up": "" if enough else follow_up}, trace_rewards)
     # Any other predictor (a user's own): a demo with an empty output is a completion the adapter lost.
-    return _Judged(all(str(v).strip() for v in outputs.values()) and bool(outputs), verdict.score, outputs,
-                   trace_rewards)
+    names = list(getattr(_signature(predictor), "output_fields", {}) or outputs)
+    empty = [name for name in names if not str(outputs.get(name) or "").strip()]
+    return _Judged(not empty, verdict.score, outputs, trace_rewards, f"empty {', '.join(empty)}" if empty else "")
 
 
 def _gold_in_view(rollout: Rollout, inputs: dict) -> bool:
@@ -237,11 +329,12 @@ def _query_found_gold(query: str, rollout: Rollout) -> float | None:
     return float(bool(titles & gold))
 
 
-def extract_demos(rollout: Rollout, verdict: TraceVerdict, predictor_names: dict[int, str],
-                  gates: DemoGates) -> tuple[list[Demo], dict[str, int]]:
+def extract_demos(rollout: Rollout, verdict: TraceVerdict, predictor_names: dict[int, str], gates: DemoGates,
+                  reasons: dict[str, int] | None = None) -> tuple[list[Demo], dict[str, int]]:
     """At most one demo per predictor from a passing rollout (the best-scored call of a multi-use module).
 
-    Returns the demos and, per predictor, how many of its calls the module gate rejected.
+    Returns the demos and, per predictor, how many of its calls the module gate rejected; ``reasons``, when
+    given, counts the rejections by ``"<predictor>: <why>"``.
     """
     best: dict[str, Demo] = {}
     rejected: dict[str, int] = {}
@@ -258,6 +351,9 @@ def extract_demos(rollout: Rollout, verdict: TraceVerdict, predictor_names: dict
                              rollout, verdict, gates, first_plan)
         if not judged.passed:
             rejected[name] = rejected.get(name, 0) + 1
+            if reasons is not None:
+                why = judged.why or f"{getattr(_signature(predictor), '__name__', '?')} gate"
+                reasons[f"{name}: {why}"] = reasons.get(f"{name}: {why}", 0) + 1
             continue
         if name not in best or judged.score > best[name].score:
             example = dspy.Example(augmented=True, **_fields(predictor, "input", inputs), **judged.outputs)
@@ -300,4 +396,5 @@ def labeled_plan_demos(questions: Sequence[Question], planner_names: Sequence[st
     return demos, rejected
 
 
-__all__ = ["Demo", "TraceVerdict", "extract_demos", "gold_plan_text", "judge_rollouts", "labeled_plan_demos"]
+__all__ = ["Demo", "Metric", "TraceVerdict", "extract_demos", "gold_plan_text", "has_answer", "judge_rollouts",
+           "junk_output", "labeled_plan_demos", "metric_gate", "metric_name", "metric_value", "query_writers"]

@@ -171,7 +171,14 @@ class SearchModuleReward:
 
 @dataclass
 class CallableModuleReward:
-    """A user's own reward: ``fn(question, outputs, completion) -> float | RewardResult`` per completion."""
+    """A user's own reward: ``fn(question, outputs, completion) -> float | RewardResult`` per completion.
+
+    ``question`` is the training example as a :class:`~apexdsp.data.records.Question` (``.question``,
+    ``.answer``, ``.answers``, and the labels it carries, e.g. ``supporting_titles``); ``outputs`` the
+    module's output fields as the program's adapter parsed them from the completion (``{"query": ...}``);
+    ``completion`` the whole reply, prefilled header included. A :class:`RewardResult` has its components
+    logged as well; a value that is not a finite number stops training (:class:`RewardError`).
+    """
 
     fn: Callable[..., float | RewardResult]
     on_parse_failure: float | None = None

@@ -121,11 +121,16 @@ def freeze_below_top_layers(model: Any, layers: int) -> int:
 
 class ModuleSFT(Teleprompter):
     """SFT of the LM behind some predictors (``modules``: names, or sub-modules whose predictors are all
-    meant) with ``trl.SFTTrainer``. ``retriever`` is the index annotated calls are rebuilt over."""
+    meant) with ``trl.SFTTrainer``. ``retriever`` is the index annotated calls are rebuilt over.
+
+    From traces, a run is kept when its ``reward`` (a registered name) reaches ``min_reward``, or, with
+    ``metric`` (DSPy's ``metric(example, prediction, trace)``, for a program of one's own), when the metric
+    does; ``compile(..., teacher=)`` imitates a teacher program's runs instead of the student's own."""
 
     def __init__(self, out_dir: str | Path, config: SFTStageConfig | None = None, *,
                  modules: tuple[str, ...] = ("executor.analyze",), retriever: Any = None, reward: str = "answer_f1",
-                 min_reward: float = 1.0, name: str | None = None, experiment: str = COMPILE_EXPERIMENT):
+                 min_reward: float = 1.0, name: str | None = None, experiment: str = COMPILE_EXPERIMENT,
+                 metric: Any = None):
         super().__init__()
         self.out_dir = Path(out_dir)
         self.config = config or SFTStageConfig()
@@ -133,6 +138,7 @@ class ModuleSFT(Teleprompter):
         self.retriever = retriever
         self.reward = reward
         self.min_reward = min_reward
+        self.metric = metric
         self.name = name
         self.experiment = experiment
         self.examples: list[SFTExample] = []
@@ -152,7 +158,7 @@ class ModuleSFT(Teleprompter):
         base_dir = trainable_model_dir(base_lm, ",".join(predictors))
         name = self.name or "+".join(self.modules)
         target, work = weights_dir(self.out_dir, name), self.out_dir / "sft" / name
-        digest = settings_digest(config, modules=list(predictors), reward=self.reward, min_reward=self.min_reward,
+        digest = settings_digest(config, modules=list(predictors), reward=self._judge, min_reward=self.min_reward,
                                  base_model=model_identity(base_dir),
                                  data=examples if examples is not None else trainset)
         if config.resume and reusable_weights(target, digest):
@@ -161,11 +167,11 @@ class ModuleSFT(Teleprompter):
         if examples is None:
             if trainset is None:
                 raise ApexError("SFT needs a trainset to build examples from, or examples=")
-            examples = self._examples(program, trainset, predictors)
+            examples = self._examples(program, trainset, predictors, teacher)
         if not examples:
             raise ApexError(f"SFT of {', '.join(predictors)}: no usable example ({self._why_none(predictors)})")
         self.examples = examples
-        params = {"modules": ",".join(predictors), "examples": len(examples), "reward": self.reward,
+        params = {"modules": ",".join(predictors), "examples": len(examples), "reward": self._judge,
                   "min_reward": self.min_reward, "base_model": str(base_dir),
                   **{f"sft.{k}": v for k, v in asdict(config).items()}}
         started = time.perf_counter()
@@ -193,8 +199,13 @@ class ModuleSFT(Teleprompter):
         use_trained_lm(list(predictors.values()), target, base_lm)
         return program
 
-    def _examples(self, program: dspy.Module, trainset: list[Any],
-                  predictors: dict[str, dspy.Predict]) -> list[SFTExample]:
+    @property
+    def _judge(self) -> str:
+        """What keeps a traced run: the metric's name, or the reward's."""
+        return f"metric:{getattr(self.metric, '__name__', 'metric')}" if self.metric is not None else self.reward
+
+    def _examples(self, program: dspy.Module, trainset: list[Any], predictors: dict[str, dspy.Predict],
+                  teacher: dspy.Module | None = None) -> list[SFTExample]:
         import random
 
         config = self.config
@@ -206,7 +217,7 @@ class ModuleSFT(Teleprompter):
             self._annotated = annotated
         if "traces" in config.source:
             traced = collect_sft_examples(program, trainset, modules=tuple(predictors), reward=self.reward,
-                                          min_reward=self.min_reward)
+                                          min_reward=self.min_reward, metric=self.metric, teacher=teacher)
             self.report["traces"] = {"kept": len(traced), "questions": len(trainset)}
             examples += traced
         random.Random(config.seed).shuffle(examples)
@@ -218,7 +229,7 @@ class ModuleSFT(Teleprompter):
         if annotated is not None:
             reasons += [f"{name} from annotations: {annotated.why_none(name)} dropped" for name in predictors]
         if "traces" in self.report:
-            reasons.append(f"no run of {self.report['traces']['questions']} reached {self.reward} >= "
+            reasons.append(f"no run of {self.report['traces']['questions']} reached {self._judge} >= "
                            f"{self.min_reward}")
         return "; ".join(reasons) or "none given"
 

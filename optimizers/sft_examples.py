@@ -44,30 +44,43 @@ def module_predictors(program: dspy.Module, modules: tuple[str, ...]) -> dict[st
 
 def collect_sft_examples(program: dspy.Module, trainset: list[Any], *, modules: tuple[str, ...] = ("executor",),
                          reward: str = "answer_f1", min_reward: float = 1.0, adapter: Any = None,
-                         progress: bool = True) -> list[SFTExample]:
-    """Run ``program`` on ``trainset`` and keep the chosen modules' calls from runs scoring >= ``min_reward``."""
+                         progress: bool = True, metric: Any = None, teacher: dspy.Module | None = None,
+                         ) -> list[SFTExample]:
+    """Run ``program`` (or ``teacher``, a program with the same predictors) on ``trainset`` and keep the chosen
+    modules' calls from runs scoring >= ``min_reward`` by ``reward``, or by ``metric`` (DSPy's
+    ``metric(example, prediction, trace)``; ``True`` counts 1). Calls are formatted for ``program``'s own
+    predictors (its demos, its LM's prefilled header)."""
     from tqdm.auto import tqdm
 
+    from apexdsp.data.examples import to_examples
+    from apexdsp.optimizers.demos import metric_value
     from apexdsp.rewards import get_reward
 
-    reward_fn = get_reward(reward)
+    reward_fn = get_reward(reward) if metric is None else None
     adapter = adapter or current_adapter()
     chosen = module_predictors(program, modules)
-    by_identity = {id(p): name for name, p in chosen.items()}
+    runner = teacher or program
+    by_identity = {id(p): name for name, p in runner.named_predictors() if name in chosen}
     examples: list[SFTExample] = []
-    for question in tqdm(as_questions(trainset), desc="collect SFT trajectories", disable=not progress):
+    for item, question in tqdm(list(zip(trainset, as_questions(trainset))), desc="collect SFT trajectories",
+                               disable=not progress):
         with dspy.context(trace=[]):
-            prediction = program(question=question.question)
+            prediction = runner(question=question.question)
             trace = list(dspy.settings.trace)
-        value = reward_fn(question, prediction.trajectory).value
+        if reward_fn is None:
+            example = item if isinstance(item, dspy.Example) else to_examples([question])[0]
+            value = metric_value(metric(example, prediction, trace))
+        else:
+            output = getattr(prediction, "trajectory", None) or getattr(prediction, "answer", None)
+            value = reward_fn(question, output).value
         if value < min_reward:
             continue
         for predictor, inputs, outputs in trace:
             name = by_identity.get(id(predictor))
             if name is None:
                 continue
-            completion = reply_text(predictor, dict(outputs), adapter)
-            examples.append(SFTExample(name, format_messages(predictor, inputs, adapter), completion,
+            completion = reply_text(chosen[name], dict(outputs), adapter)
+            examples.append(SFTExample(name, format_messages(chosen[name], inputs, adapter), completion,
                                        question.id, value))
     return examples
 

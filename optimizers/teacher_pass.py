@@ -23,8 +23,9 @@ import dspy
 from apexdsp.errors import ApexError
 from apexdsp.indexes.base import Retriever
 from apexdsp.optimizers.config import DemoGates
-from apexdsp.optimizers.demos import Demo, TraceVerdict, extract_demos, judge_rollouts
-from apexdsp.optimizers.rollouts import Rollout, run_traced
+from apexdsp.optimizers.demos import (Demo, Metric, TraceVerdict, extract_demos, judge_rollouts, metric_name,
+                                     query_writers)
+from apexdsp.optimizers.rollouts import Rollout, question_of, run_traced
 
 
 @dataclass
@@ -35,6 +36,7 @@ class QuestionOutcome:
     demos: list[Demo] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
     raised: bool = False  # the program raised (its verdict says why)
+    reasons: dict[str, int] = field(default_factory=dict)  # "<predictor>: <why>" -> calls turned down
 
 
 Outcomes = dict[int, QuestionOutcome]  # position in the trainset -> outcome
@@ -42,10 +44,11 @@ Outcomes = dict[int, QuestionOutcome]  # position in the trainset -> outcome
 
 def run_teacher(teacher: dspy.Module, train: Sequence[dspy.Example], predictor_names: dict[int, str],
                 gates: DemoGates, retriever: Retriever | None, *, threads: int, progress: bool,
-                done: Outcomes | None = None,
-                on_outcome: Callable[[Outcomes], None] | None = None) -> Outcomes:
+                done: Outcomes | None = None, on_outcome: Callable[[Outcomes], None] | None = None,
+                metric: Metric | None = None, metric_threshold: float | None = None) -> Outcomes:
     """The outcome of every training question: those in ``done`` as given, the others by running ``teacher``.
 
+    ``metric`` (DSPy's ``metric(example, prediction, trace)``) is the trace gate when given, else ``gates``.
     ``on_outcome`` receives all outcomes so far each time one is added (from a worker thread, one call at a
     time). The caller runs this under the teacher's ``dspy.context``.
     """
@@ -56,9 +59,10 @@ def run_teacher(teacher: dspy.Module, train: Sequence[dspy.Example], predictor_n
 
     def judge(index: int, rollout: Rollout) -> None:
         try:
-            verdict = judge_rollouts([rollout], gates, retriever)[0]
-            demos, turned_down = extract_demos(rollout, verdict, predictor_names, gates)
-            outcome = QuestionOutcome(verdict, demos, dict(turned_down), rollout.error is not None)
+            verdict = judge_rollouts([rollout], gates, retriever, metric=metric, metric_threshold=metric_threshold)[0]
+            reasons: dict[str, int] = {}
+            demos, turned_down = extract_demos(rollout, verdict, predictor_names, gates, reasons)
+            outcome = QuestionOutcome(verdict, demos, dict(turned_down), rollout.error is not None, reasons)
         except Exception as error:  # noqa: BLE001 - reported below, after the other questions ran
             failures.append(f"{type(error).__name__}: {error}")
             return
@@ -91,4 +95,41 @@ def pooled(outcomes: Outcomes) -> tuple[dict[str, list[Demo]], Counter, list[Tra
     return pool, rejected, verdicts, sum(outcome.raised for outcome in outcomes.values())
 
 
-__all__ = ["Outcomes", "QuestionOutcome", "pooled", "run_teacher"]
+def rejection_reasons(outcomes: Outcomes) -> Counter:
+    """Module calls turned down, by ``"<predictor>: <why>"`` (questions resumed from a checkpoint have none)."""
+    reasons: Counter = Counter()
+    for outcome in outcomes.values():
+        reasons.update(outcome.reasons)
+    return reasons
+
+
+NOT_RECORDED = "the program records no retrieved passages (no apexdsp Trajectory in its prediction)"
+
+
+def gates_summary(gates: DemoGates, verdicts: Sequence[TraceVerdict], train: Sequence[dspy.Example],
+                  program: dspy.Module, metric: Metric | None = None,
+                  metric_threshold: float | None = None) -> tuple[str, dict[str, str]]:
+    """The trace gate in words, and apexdsp's gates that could not apply to ``program``, with why: a gate
+    reads what the program records (its trajectory, the examples' labels), and one that finds nothing to
+    read is skipped rather than rejecting every run."""
+    judged = [v for v in verdicts if not v.reason.startswith("error")]
+    unrecorded = bool(judged) and all(v.hit is None for v in judged)
+    not_applied: dict[str, str] = {}
+    if metric is not None:
+        threshold = f" >= {metric_threshold}" if metric_threshold is not None else " true"
+        trace_gate = f"metric {metric_name(metric)}{threshold}"
+    else:
+        trace_gate = f"answer F1 >= {gates.min_answer_f1}" + (" or gold answer retrieved" if gates.accept_hit else "")
+        if gates.accept_hit and unrecorded:
+            not_applied["gold answer retrieved"] = NOT_RECORDED
+    queries = query_writers(program)
+    if queries and gates.require_query_hit:
+        gate = f"query found a gold paragraph ({', '.join(queries)})"
+        if unrecorded:
+            not_applied[gate] = NOT_RECORDED
+        elif not any(question_of(example).supporting_titles for example in train):
+            not_applied[gate] = "the training examples name no supporting_titles"
+    return trace_gate, not_applied
+
+
+__all__ = ["Outcomes", "QuestionOutcome", "gates_summary", "pooled", "rejection_reasons", "run_teacher"]

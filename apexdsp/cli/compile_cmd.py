@@ -149,7 +149,8 @@ def compile_program(
     configure_dspy(lm=lm)
     # Finished phases are kept beside --out until the program is saved: a rerun after an interruption resumes.
     checkpoint = out.parent / f".{out.name}.checkpoint.json"
-    teleprompter = RewardBootstrap(config, retriever=retriever, labeled_plans=labeled, checkpoint=checkpoint)
+    teleprompter = RewardBootstrap(config, retriever=retriever, labeled_plans=labeled, checkpoint=checkpoint,
+                                   hints="cli")
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # DSPy's progress bars: keep --json output clean
         compiled = teleprompter.compile(student, trainset=train, valset=val)
