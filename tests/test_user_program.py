@@ -180,6 +180,29 @@ def test_the_users_metric_decides_which_runs_become_demos(compiled, setup, quest
     assert {d.predictor: d.pool for d in report.demos} == {"search": 2, "read": 4}
 
 
+def test_a_scoring_metric_keeps_the_runs_at_its_threshold(setup):
+    """DSPy's rule with ``metric_threshold``: the metric sees the run's trace and may return a
+    ``dspy.Prediction`` with a score (as feedback metrics do); runs scoring at least the threshold pass."""
+    from apexdsp.metrics import f1
+
+    traces = []
+
+    def answer_f1(example, prediction, trace=None):
+        if trace is not None:  # None when scoring candidates on the valset, as in DSPy's Evaluate
+            traces.append([predictor.signature.__name__ for predictor, _, _ in trace])
+        return dspy.Prediction(score=f1(prediction.answer, [example.answer]), feedback="token F1")
+
+    teleprompter = RewardBootstrap(BootstrapConfig(**{**FAST, "num_candidates": 1, "score_zero_shot": False}),
+                                   metric=answer_f1, metric_threshold=0.5)
+    teleprompter.compile(SearchRead(setup["retriever"]), trainset=setup["train"], valset=setup["val"][:1],
+                         teacher=setup["teacher"])
+    report = teleprompter.report
+    assert report.trace_gate == "metric answer_f1 >= 0.5"
+    assert report.passed == {"metric": 4}  # the right answers and "Brooklyn" (F1 0.5); not the verbose one
+    assert {d.predictor: d.pool for d in report.demos} == {"search": 2, "read": 4}  # two of the queries are junk
+    assert ["WriteQuery", "ReadAnswer"] in traces
+
+
 def test_default_gates_apply_only_what_a_plain_program_records(setup):
     """Without a metric, apexdsp's answer gate judges the runs; the "gold answer retrieved" gate, which reads
     an apexdsp trajectory, is reported as not applied instead of failing every run."""
