@@ -25,8 +25,8 @@ def test_every_dataset_program_pair_has_a_spec():
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_checked_in_specs_load_and_plan_an_evaluation_after_every_stage(path, data_dir):
     spec = load_spec(path)
-    stages = [stage.kind for stage in spec.optimizer.stages]
-    assert stages[0] == "bootstrap" and stages[-1] == "grpo"
+    stages = [stage.label for stage in spec.optimizer.stages]
+    assert spec.optimizer.stages[0].kind == "bootstrap" and spec.optimizer.stages[-1].kind == "grpo"
     # uncompiled, then one cumulative label per stage: bootstrap, bootstrap+sft, bootstrap+sft+grpo
     assert spec.checkpoints() == ["uncompiled"] + ["+".join(stages[:n]) for n in range(1, len(stages) + 1)]
     assert spec.data.test.file.is_relative_to(data_dir)  # found in the shared data folder
