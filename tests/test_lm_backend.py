@@ -330,3 +330,22 @@ def test_cli_prompt_longer_than_the_context_is_a_one_line_error(model_folder):
     result = cli("lm", "generate", "hello " * 60, "--lm", str(model_folder))
     assert_one_line_error(result, "the prompt has", "the model's context is 32")
     assert int(result.stderr.split("the prompt has ")[1].split()[0]) > 32
+
+
+def test_engines_first_called_together_from_many_threads_all_load(tiny_model_dir, tmp_path):
+    """A program whose modules run on different weights calls them first from many threads at once (an
+    evaluation's first questions): every engine loads and answers, none sees a half-loaded model."""
+    import shutil
+
+    folders = [shutil.copytree(tiny_model_dir, tmp_path / f"weights-{i}") for i in range(4)]
+    lms = [get_lm(str(folder), cache=False, max_tokens=2) for folder in folders]
+    start = threading.Barrier(16)
+
+    def call(i: int) -> str:
+        start.wait()
+        return lms[i % len(lms)]("Say yes.")[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        outputs = list(pool.map(call, range(16)))
+    assert len(outputs) == 16 and all(isinstance(text, str) for text in outputs)
+    assert all(lm.engine._model is not None for lm in lms)

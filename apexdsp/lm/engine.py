@@ -29,6 +29,9 @@ from apexdsp.lm.generation import MAX_PREFILL_PADDING, Completion, DecodeBatch, 
 from apexdsp.lm.request_settings import PromptTooLong, generation_defaults, refuse_unsupported
 
 CANDIDATE_MEMORY = 256  # seeded requests remembered to number DSPy's repeated sends of one request
+# Two engines loading at once (a program's modules on different weights, first called from many threads)
+# made transformers fail with "Cannot copy out of meta tensor": its loading is not thread-safe.
+_FROM_PRETRAINED = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -261,9 +264,10 @@ class LocalEngine:
 
             if self.config.num_threads:
                 torch.set_num_threads(self.config.num_threads)
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.dtype),
-                                                         attn_implementation=DECODE_ATTENTION)
+            with _FROM_PRETRAINED:  # one model at a time: transformers' loading is not thread-safe
+                tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+                model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.dtype),
+                                                             attn_implementation=DECODE_ATTENTION)
             self._tokenizer = tokenizer
             self._model = model.to(self.config.device).eval()
 
