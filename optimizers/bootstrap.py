@@ -20,7 +20,6 @@ runs the questions in threads so the batching LM backend decodes them together.
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
 import time
 from collections import Counter
@@ -30,63 +29,28 @@ from typing import Any, Literal
 
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
-from pydantic import BaseModel, Field
 
 from apexdsp.data.examples import to_examples
 from apexdsp.data.records import Question
 from apexdsp.errors import ApexError
 from apexdsp.indexes.base import Retriever
+from apexdsp.optimizers.bootstrap_report import BootstrapReport, DemoStats, build_report, signature_name
+from apexdsp.optimizers.bootstrap_run import bootstrap_run, log_candidate, log_outcome
 from apexdsp.optimizers.checkpoint import CompileCheckpoint, fingerprint
 from apexdsp.optimizers.compiled import examples_digest
-from apexdsp.optimizers.calibration import CalibrationConfig, CalibrationReport, ChoiceCalibration
+from apexdsp.optimizers.calibration import CalibrationConfig, ChoiceCalibration
 from apexdsp.optimizers.candidates import CandidateScore, Metric, build_candidates, score_candidate, with_demos
 from apexdsp.optimizers.config import BootstrapConfig
 from apexdsp.optimizers.demos import Demo, TraceVerdict, labeled_plan_demos, metric_name
 from apexdsp.optimizers.teacher_pass import Outcomes, gates_summary, pooled, rejection_reasons, run_teacher
 from apexdsp.programs.shared import Shared
+from apexdsp.tracking.dspy_autolog import FollowsDSPyAutolog
+from apexdsp.tracking.run import COMPILE_EXPERIMENT, TrackedRun, UntrackedRun, flat_params
 
 logger = logging.getLogger(__name__)
 
 
-class DemoStats(BaseModel):
-    """The demos one predictor received in the chosen set, with the mean of each reward component."""
-
-    predictor: str
-    signature: str
-    pool: int  # demos that passed its gate
-    rejected: int  # calls its module gate turned down
-    chosen: int
-    component_means: dict[str, float] = Field(default_factory=dict)
-    from_examples: list[str] = Field(default_factory=list)
-
-
-class BootstrapReport(BaseModel):
-    """What a compile did: how many traces passed and why, what each candidate scored, what was kept."""
-
-    train_examples: int
-    val_examples: int
-    passed: dict[str, int]  # ground -> count ("f1", "hit")
-    failed: int
-    program_errors: int
-    train_em: float
-    train_f1: float
-    train_plan_reward: float | None
-    candidates: list[dict[str, Any]]
-    chosen: int  # index into candidates (-1: the zero-shot program)
-    demos: list[DemoStats]
-    bootstrap_seconds: float
-    selection_seconds: float
-    calibration: CalibrationReport | None = None  # the choice offsets fitted after selection
-    teacher_resumed: int = 0  # training questions whose teacher run an interrupted compile had saved
-    trace_gate: str = ""  # what decided that a run was good
-    gates_not_applied: dict[str, str] = Field(default_factory=dict)  # gate -> why it could not apply
-    rejected_reasons: dict[str, int] = Field(default_factory=dict)  # "<predictor>: <why>" -> calls turned down
-
-    def best(self) -> dict[str, Any]:
-        return next(c for c in self.candidates if c["index"] == self.chosen)
-
-
-class RewardBootstrap(Teleprompter):
+class RewardBootstrap(FollowsDSPyAutolog, Teleprompter):
     """A DSPy teleprompter: ``compile(student, *, trainset, valset=None, teacher=None)`` -> the student with
     reward-gated demos attached to each predictor.
 
@@ -101,13 +65,16 @@ class RewardBootstrap(Teleprompter):
     :func:`~apexdsp.optimizers.demos.labeled_plan_demos`). ``checkpoint``: a file where finished phases
     are kept, so that an interrupted compile rerun with the same settings resumes
     (:class:`~apexdsp.optimizers.checkpoint.CompileCheckpoint`). After ``compile``, ``self.report`` holds a
-    :class:`BootstrapReport`.
+    :class:`BootstrapReport`. Each ``compile`` is one MLflow run, nested in the active run if there is one,
+    else in ``experiment``: its settings, every candidate's scores as it is scored, the chosen candidate and
+    the compile's seconds (:mod:`~apexdsp.optimizers.bootstrap_run`).
     """
 
     def __init__(self, config: BootstrapConfig | None = None, *, metric: Metric | None = None,
                  metric_threshold: float | None = None, retriever: Retriever | None = None,
                  teacher_settings: dict[str, Any] | None = None, labeled_plans: Sequence[Question] | None = None,
-                 checkpoint: str | Path | None = None, hints: Literal["python", "cli"] = "python"):
+                 checkpoint: str | Path | None = None, hints: Literal["python", "cli"] = "python",
+                 experiment: str = COMPILE_EXPERIMENT):
         super().__init__()
         self.config = config or BootstrapConfig()
         self.metric = metric
@@ -117,7 +84,9 @@ class RewardBootstrap(Teleprompter):
         self.teacher_settings = dict(teacher_settings or {})
         self.labeled_plans = list(labeled_plans or [])
         self.checkpoint = checkpoint
+        self.experiment = experiment
         self.report: BootstrapReport | None = None
+        self._run: TrackedRun = UntrackedRun()
 
     def compile(self, student: dspy.Module, *, trainset: Sequence[dspy.Example | Question],
                 valset: Sequence[dspy.Example | Question] | None = None,
@@ -126,11 +95,24 @@ class RewardBootstrap(Teleprompter):
         if not train:
             raise ApexError("bootstrap: the trainset is empty")
         retriever = self.retriever or find_retriever(student)
+        params = self._run_params(train, val, teacher)
         teacher = (teacher or student).deepcopy()  # the student-as-teacher is a copy: its demos stay its own
         student = student.reset_copy()
         names = _matching_names(student, teacher)
         checkpoint = self._open_checkpoint(student, train, val)
+        started = time.perf_counter()
+        with bootstrap_run(self.experiment, params) as run:
+            self._run = run
+            try:
+                compiled = self._compile(student, teacher, train, val, names, retriever, checkpoint)
+            finally:
+                self._run = UntrackedRun()
+            log_outcome(run, self.report, time.perf_counter() - started)
+        return compiled
 
+    def _compile(self, student: dspy.Module, teacher: dspy.Module, train: list[dspy.Example],
+                 val: list[dspy.Example] | None, names: dict[int, str], retriever: Retriever | None,
+                 checkpoint: CompileCheckpoint | None) -> dspy.Module:
         started = time.perf_counter()
         if checkpoint is not None and checkpoint.bootstrap is not None:
             pool, rejected, verdicts, errors = checkpoint.load_bootstrap()
@@ -145,7 +127,7 @@ class RewardBootstrap(Teleprompter):
                 checkpoint.save_bootstrap(pool, rejected, verdicts, errors)
         bootstrap_seconds = time.perf_counter() - started
 
-        budgets = {name: self.config.demo_budget(_signature_name(p)) for name, p in student.named_predictors()}
+        budgets = {name: self.config.demo_budget(signature_name(p)) for name, p in student.named_predictors()}
         demo_sets = build_candidates(pool, budgets, self.config.num_candidates, self.config.seed)
         if not demo_sets:
             raise ApexError("bootstrap: every predictor has a demo budget of 0; nothing to compile")
@@ -163,9 +145,9 @@ class RewardBootstrap(Teleprompter):
             compiled = calibrator.compile(compiled, trainset=train)  # the student's LM, not the teacher's
             calibration = calibrator.report
         compiled._compiled = True
-        self.report = _report(train, val or train, verdicts, errors, scores, best, pool, rejected,
-                              demo_sets[best.index] if best.index >= 0 else {}, student,
-                              bootstrap_seconds, selection_seconds)
+        self.report = build_report(train, val or train, verdicts, errors, scores, best, pool, rejected,
+                                   demo_sets[best.index] if best.index >= 0 else {}, student,
+                                   bootstrap_seconds, selection_seconds)
         self.report.calibration = calibration
         self.report.teacher_resumed = resumed
         self.report.trace_gate, self.report.gates_not_applied = gates_summary(
@@ -176,6 +158,15 @@ class RewardBootstrap(Teleprompter):
         _say(self.config, f"chosen: {best.label} ({self._metric_label} {best.metric:.3f} on "
                           f"{len(val or train)} validation questions)")
         return compiled
+
+    def _run_params(self, train: list[dspy.Example], val: list[dspy.Example] | None,
+                    teacher: dspy.Module | None) -> dict[str, Any]:
+        """What the run records of this compile: the settings, the data's size and digest, the teacher."""
+        return {**flat_params(self.get_params()), "trainset_examples": len(train),
+                "trainset_sha256": examples_digest(train)[:16], "valset_examples": len(val) if val else 0,
+                "valset_sha256": examples_digest(val)[:16] if val else "the trainset",
+                "teacher": type(teacher).__name__ if teacher is not None else "the student",
+                "teacher_settings": sorted(self.teacher_settings), "labeled_plans": len(self.labeled_plans)}
 
     @property
     def _metric_label(self) -> str:
@@ -283,6 +274,7 @@ class RewardBootstrap(Teleprompter):
                                     index=index, label=label)
             if checkpoint is not None:
                 checkpoint.save_candidate(index, score.__dict__)
+        log_candidate(self._run, score)
         _say(self.config, f"  {label}: {self._metric_label} {score.metric:.3f}, F1 {score.f1:.3f}, "
                           f"decomposition {_fmt(score.decomposition)}, copied demo answers {score.copy_rate:.2f}, "
                           f"{score.seconds:.0f}s")
@@ -323,11 +315,7 @@ def find_retriever(program: dspy.Module) -> Retriever | None:
 def _is_planner(predictor_id: int, program: dspy.Module) -> bool:
     from apexdsp.programs.planner import WritePlan
 
-    return any(id(p) == predictor_id and _signature_name(p) == WritePlan.__name__ for _, p in program.named_predictors())
-
-
-def _signature_name(predictor: Any) -> str:
-    return getattr(getattr(predictor, "signature", None), "__name__", "?")
+    return any(id(p) == predictor_id and signature_name(p) == WritePlan.__name__ for _, p in program.named_predictors())
 
 
 def _matching_names(student: dspy.Module, teacher: dspy.Module) -> dict[int, str]:
@@ -340,30 +328,6 @@ def _matching_names(student: dspy.Module, teacher: dspy.Module) -> dict[int, str
         raise ApexError(f"bootstrap: the teacher's predictors {[n for n, _ in teacher_named]} differ from the "
                         f"student's {student_names}")
     return {id(predictor): name for name, predictor in teacher_named}
-
-
-def _report(train, val, verdicts, errors, scores, best, pool, rejected, chosen, student, bootstrap_seconds,
-            selection_seconds) -> BootstrapReport:
-    plans = [v.plan.value for v in verdicts if v.plan is not None]
-    demos = []
-    for name, predictor in student.named_predictors():
-        picked = chosen.get(name, [])
-        components: dict[str, list[float]] = {}
-        for demo in picked:
-            for key, value in demo.rewards.items():
-                components.setdefault(key, []).append(value)
-        demos.append(DemoStats(predictor=name, signature=_signature_name(predictor), pool=len(pool.get(name, [])),
-                               rejected=rejected.get(name, 0), chosen=len(picked),
-                               component_means={k: statistics.fmean(v) for k, v in components.items()},
-                               from_examples=[d.example_id for d in picked]))
-    return BootstrapReport(
-        train_examples=len(train), val_examples=len(val),
-        passed=dict(Counter(v.reason for v in verdicts if v.passed)), failed=sum(not v.passed for v in verdicts),
-        program_errors=errors, train_em=statistics.fmean(v.em for v in verdicts),
-        train_f1=statistics.fmean(v.f1 for v in verdicts),
-        train_plan_reward=statistics.fmean(plans) if plans else None,
-        candidates=[{**s.__dict__} for s in scores], chosen=best.index, demos=demos,
-        bootstrap_seconds=bootstrap_seconds, selection_seconds=selection_seconds)
 
 
 def _fmt(value: float | None) -> str:

@@ -35,6 +35,7 @@ from apexdsp.lm.adapter import CHOICE_BIAS, prefills
 from apexdsp.metrics.answer import normalize_answer
 from apexdsp.programs.choice import ChoicePredict, choice_values
 from apexdsp.programs.question_forms import choice_options, is_yes_no_question, parse_options
+from apexdsp.tracking.dspy_autolog import FollowsDSPyAutolog
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def heldout_correct(flips: Sequence[float], second_is_gold: Sequence[bool], fold
     return raw, fitted
 
 
-class ChoiceCalibration(Teleprompter):
+class ChoiceCalibration(FollowsDSPyAutolog, Teleprompter):
     """A DSPy teleprompter: ``compile(student, *, trainset)`` -> a copy whose two-choice
     :class:`~apexdsp.programs.choice.ChoicePredict` steps carry fitted offsets; ``self.report`` says what
     each fit did."""

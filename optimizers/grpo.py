@@ -39,6 +39,7 @@ from apexdsp.optimizers.trained_lm import (SETTINGS_DIGEST, copy_program, model_
                                            reusable_weights, save_trained_weights, settings_digest,
                                            trainable_model_dir, use_trained_lm, weights_dir)
 from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
+from apexdsp.tracking.dspy_autolog import FollowsDSPyAutolog
 from apexdsp.tracking.run import tracked_run, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class GRPOResult:
     reused: bool = False
 
 
-class ModuleGRPO(Teleprompter):
+class ModuleGRPO(FollowsDSPyAutolog, Teleprompter):
     """A DSPy teleprompter that GRPO-trains the weights of one module's LM.
 
     ``out_dir`` holds the run's files (``grpo/<name>/``: prompts, checkpoints, plot; ``weights/<name>/``:

@@ -29,6 +29,7 @@ from apexdsp.optimizers.grpo import COMPILE_EXPERIMENT, ModuleGRPO, _has_active_
 from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
 from apexdsp.optimizers.module_rewards import DEFAULT_MODULE_REWARDS
 from apexdsp.optimizers.sft import ModuleSFT, SFTStageConfig
+from apexdsp.tracking.dspy_autolog import FollowsDSPyAutolog
 from apexdsp.tracking.run import tracked_run
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def parse_stages(spec: str, config: ModuleGRPOConfig | None = None,
     return stages
 
 
-class ProgressiveSchedule(Teleprompter):
+class ProgressiveSchedule(FollowsDSPyAutolog, Teleprompter):
     """Runs stages in order, each on the program as trained by the stages before it."""
 
     def __init__(self, stages: list[Stage], out_dir: str | Path, *, retriever: Any = None,

@@ -37,6 +37,7 @@ from apexdsp.optimizers.trained_lm import (SETTINGS_DIGEST, copy_program, model_
                                            reusable_weights, save_trained_weights, settings_digest,
                                            trainable_model_dir, use_trained_lm, weights_dir)
 from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
+from apexdsp.tracking.dspy_autolog import FollowsDSPyAutolog
 from apexdsp.tracking.run import tracked_run, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def freeze_below_top_layers(model: Any, layers: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class ModuleSFT(Teleprompter):
+class ModuleSFT(FollowsDSPyAutolog, Teleprompter):
     """SFT of the LM behind some predictors (``modules``: names, or sub-modules whose predictors are all
     meant) with ``trl.SFTTrainer``. ``retriever`` is the index annotated calls are rebuilt over.
 

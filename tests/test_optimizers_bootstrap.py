@@ -281,8 +281,9 @@ def test_teacher_with_other_modules_is_refused(lm, retriever, questions):
 
 
 def test_compile_and_evaluate_compiled_from_the_command_line(data_dir, tmp_path, isolated_mlflow):
-    """The console scripts end to end on the closed-book program (no index needed): one MLflow run with
-    the candidates table and the saved program as an artifact; ``evaluate --compiled`` runs it."""
+    """The console scripts end to end on the closed-book program (no index needed): one MLflow run with the
+    saved program as an artifact and a child run per stage (the bootstrap's, with the candidates table, then
+    the schedule's); ``evaluate --compiled`` runs it."""
     import mlflow
 
     apexdsp = str(__import__("pathlib").Path(sys.executable).parent / "apexdsp")
@@ -290,7 +291,7 @@ def test_compile_and_evaluate_compiled_from_the_command_line(data_dir, tmp_path,
     train = data_dir / "hotpotqa" / "train.jsonl"
     result = subprocess.run([apexdsp, "compile", "--program", "vanilla", "--trainset", str(train), "--limit-train",
                              "3", "--out", str(out), "--min-answer-f1", "0", "--candidates", "1", "--max-demos", "1",
-                             "--no-score-zero-shot", "--threads", "3", "--json"],
+                             "--no-score-zero-shot", "--threads", "3", "--optimizer", "bootstrap+calibrate", "--json"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
@@ -298,8 +299,14 @@ def test_compile_and_evaluate_compiled_from_the_command_line(data_dir, tmp_path,
     assert (out / "apexdsp-compiled.json").is_file() and not list(tmp_path.glob(".vanilla-compiled*"))
     run = mlflow.get_run(summary["mlflow_run_id"])
     assert run.data.params["program"] == "vanilla" and run.data.params["gates.min_answer_f1"] == "0.0"
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"candidates.json", "demo_rewards.json", "bootstrap_report.json", "compiled"} <= artifacts
+    client = mlflow.MlflowClient()
+    assert "compiled" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    children = {child.info.run_name: child for child in client.search_runs(
+        [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")}
+    assert sorted(children) == ["bootstrap", "schedule"] and children["bootstrap"].data.metrics["chosen_candidate"] == 0
+    assert {"candidates.json", "demos.json", "bootstrap_report.json"} <= {
+        a.path for a in client.list_artifacts(children["bootstrap"].info.run_id)}
+    assert not client.search_runs([run.info.experiment_id], "attributes.status != 'FINISHED'")
     evaluated = subprocess.run([apexdsp, "evaluate", "--compiled", str(out), "--questions",
                                 str(data_dir / "hotpotqa" / "dev.jsonl"), "--limit", "2", "--no-track", "--json"],
                                capture_output=True, text=True, timeout=600)

@@ -1,4 +1,7 @@
-"""``apexdsp compile``: bootstrap a program's demos on training questions, save it, log one MLflow run.
+"""``apexdsp compile``: bootstrap a program's demos on training questions, then any weight stages, and save it.
+
+Every compile is one MLflow run (``apexdsp-compile``) with a child run per stage: the bootstrap's, then the
+schedule's, whose own children are its weight stages.
 
 With ``--start-from DIR`` the bootstrap is skipped: the weight stages of ``--optimizer`` continue a program
 compiled earlier (stage 2 on a saved stage-1 program, without bootstrapping it again).
@@ -19,9 +22,9 @@ from rich.table import Table
 
 from apexdsp.cli.inputs import optional_retriever, program_options, require_questions
 from apexdsp.errors import ApexError
+from apexdsp.tracking.run import COMPILE_EXPERIMENT
 
 console = Console(stderr=True)
-COMPILE_EXPERIMENT = "apexdsp-compile"
 
 
 def register(app: typer.Typer) -> None:
@@ -150,73 +153,70 @@ def compile_program(
     # Finished phases are kept beside --out until the program is saved: a rerun after an interruption resumes.
     checkpoint = out.parent / f".{out.name}.checkpoint.json"
     teleprompter = RewardBootstrap(config, retriever=retriever, labeled_plans=labeled, checkpoint=checkpoint,
-                                   hints="cli")
-    started = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # DSPy's progress bars: keep --json output clean
-        compiled = teleprompter.compile(student, trainset=train, valset=val)
-    seconds = time.perf_counter() - started
-    report = teleprompter.report
+                                   hints="cli", experiment=COMPILE_EXPERIMENT)
     data = {"trainset": DataRef(path=str(trainset), examples=len(train), sha256=examples_digest(train))}
     if val:
         data["valset"] = DataRef(path=str(valset), examples=len(val), sha256=examples_digest(val))
     if labeled:
         data["plan_demos"] = DataRef(path=str(plan_demos), examples=len(labeled), sha256=examples_digest(labeled))
-    optimizer_info = {"name": "bootstrap", "config": config.model_dump(), "seconds": seconds,
-                      "report": report.model_dump()}
-    save_compiled(compiled, out, lm=lm, index=index_ref(index), data=data, optimizer=optimizer_info)
-    if stages:  # the bootstrapped program is saved first: a failed weight stage never loses it
-        from apexdsp.optimizers.schedule import ProgressiveSchedule
-
-        schedule = ProgressiveSchedule(stages, out.parent / f".{out.name}.stages", retriever=retriever,
-                                       experiment=COMPILE_EXPERIMENT)
-        with contextlib.redirect_stdout(sys.stderr):
-            compiled = schedule.compile(compiled, trainset=train)
+    params = {"program": program, "optimizer": optimizer, "lm": lm, "index": str(index or ""),
+              "limit_train": limit_train or "", "limit_val": limit_val or "", "threads": threads}
+    data_files = {"trainset": trainset, **({"valset": valset} if valset else {}),
+                  **({"plan_demos": plan_demos} if plan_demos else {})}
+    # One compile run: the bootstrap, then the schedule with its stages, are its children.
+    with _compile_run(params, config, data_files) as run:
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # DSPy's progress bars: keep --json output clean
+            compiled = teleprompter.compile(student, trainset=train, valset=val)
         seconds = time.perf_counter() - started
-        optimizer_info.update(name=optimizer, seconds=seconds, stages=[_stage_summary(r) for r in schedule.results])
+        report = teleprompter.report
+        optimizer_info = {"name": "bootstrap", "config": config.model_dump(), "seconds": seconds,
+                          "report": report.model_dump()}
         save_compiled(compiled, out, lm=lm, index=index_ref(index), data=data, optimizer=optimizer_info)
-    checkpoint.unlink(missing_ok=True)
+        if stages:  # the bootstrapped program is saved first: a failed weight stage never loses it
+            from apexdsp.optimizers.schedule import ProgressiveSchedule
+
+            schedule = ProgressiveSchedule(stages, out.parent / f".{out.name}.stages", retriever=retriever,
+                                           experiment=COMPILE_EXPERIMENT)
+            with contextlib.redirect_stdout(sys.stderr):
+                compiled = schedule.compile(compiled, trainset=train)
+            seconds = time.perf_counter() - started
+            optimizer_info.update(name=optimizer, seconds=seconds,
+                                  stages=[_stage_summary(r) for r in schedule.results])
+            save_compiled(compiled, out, lm=lm, index=index_ref(index), data=data, optimizer=optimizer_info)
+        checkpoint.unlink(missing_ok=True)
+        _log_compile(run, report, seconds, out, program)
     summary = {"program": program, "out": str(out), "compile_seconds": round(seconds, 1),
                "chosen": report.best()["label"], "val_" + metric: report.best()["metric"],
                "zero_shot_" + metric: next((c["metric"] for c in report.candidates if c["index"] == -1), None),
-               "passed": report.passed, "demos": {d.predictor: d.chosen for d in report.demos if d.chosen}}
-    if track:
-        summary["mlflow_run_id"] = _log_compile(report, config, seconds, out, {
-            "program": program, "optimizer": optimizer, "lm": lm, "index": str(index or ""),
-            "limit_train": limit_train or "", "limit_val": limit_val or "", "threads": threads},
-            {"trainset": trainset, **({"valset": valset} if valset else {}),
-             **({"plan_demos": plan_demos} if plan_demos else {})})
+               "passed": report.passed, "demos": {d.predictor: d.chosen for d in report.demos if d.chosen},
+               **({"mlflow_run_id": run.run_id} if run.run_id else {})}
     if as_json:
         print(json.dumps(summary, default=str))
         return
     _print(report, summary)
 
 
-def _log_compile(report, config, seconds, out, params, data_files) -> str:
+def _compile_run(params, config, data_files):
+    """The compile's parent run (nothing is logged with ``--no-track``)."""
     from apexdsp.tracking import tracked_run
 
-    with tracked_run(COMPILE_EXPERIMENT, run_name=f"{params['program']}-{params['optimizer']}", tags={
-            "apexdsp.kind": "compile"}, params={**params, **_flat(config.model_dump())},
-            data_files=data_files) as run:
-        best = report.best()
-        run.log_metrics({"compile_seconds": seconds, "bootstrap_seconds": report.bootstrap_seconds,
-                         "selection_seconds": report.selection_seconds, "traces_passed": sum(report.passed.values()),
-                         "traces_failed": report.failed, "train_em": report.train_em, "train_f1": report.train_f1,
-                         **({"train_plan_reward": report.train_plan_reward} if report.train_plan_reward is not None
-                            else {}),
-                         **{f"best_{k}": best[k] for k in ("metric", "em", "f1", "hit", "decomposition")
-                            if best.get(k) is not None}})
-        run.log_table([{k: v for k, v in c.items() if k != "failure_examples"} for c in report.candidates],
-                      "candidates.json")
-        run.log_table([{"predictor": d.predictor, "component": k, "mean": v, "chosen": d.chosen, "pool": d.pool}
-                       for d in report.demos for k, v in d.component_means.items()], "demo_rewards.json")
-        if report.calibration is not None and report.calibration.predictors:
-            run.log_table([fit.model_dump() for fit in report.calibration.predictors], "choice_calibration.json")
-            run.log_metrics({f"calibration.{fit.predictor}.offset": fit.offset
-                             for fit in report.calibration.predictors})
-        run.log_json(report.model_dump(), "bootstrap_report.json")
-        run.log_artifact(out, artifact_path="compiled")
-        _log_model(out, params["program"])
-        return run.run_id
+    return tracked_run(COMPILE_EXPERIMENT, run_name=f"{params['program']}-{params['optimizer']}",
+                       tags={"apexdsp.kind": "compile"}, params={**params, **_flat(config.model_dump())},
+                       data_files=data_files)
+
+
+def _log_compile(run, report, seconds, out, program) -> None:
+    """The compile's outcome in its parent run: its figures and the program (as files and as a model); the
+    candidates, demos and bootstrap report are in the bootstrap's child run."""
+    best = report.best()
+    run.log_metrics({"compile_seconds": seconds, "bootstrap_seconds": report.bootstrap_seconds,
+                     "selection_seconds": report.selection_seconds, "traces_passed": sum(report.passed.values()),
+                     "traces_failed": report.failed, "train_em": report.train_em, "train_f1": report.train_f1,
+                     "train_plan_reward": report.train_plan_reward,
+                     **{f"best_{k}": best.get(k) for k in ("metric", "em", "f1", "hit", "decomposition")}})
+    run.log_artifact(out, artifact_path="compiled")
+    _log_model(out, program)
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

@@ -18,6 +18,7 @@ from apexdsp.tracking.provenance import data_file_params, git_commit, library_ve
 from apexdsp.tracking.store import ensure_experiment
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value is 6000 characters
+COMPILE_EXPERIMENT = "apexdsp-compile"  # where compile runs go unless nested in a run of another experiment
 
 
 class TrackedRun:
@@ -148,6 +149,15 @@ def tracking_enabled() -> bool:
     return not _tracking_off
 
 
+def run_active() -> bool:
+    """Whether an MLflow run is active in this thread (a stage opened inside it nests its run there)."""
+    if _tracking_off:
+        return False
+    import mlflow
+
+    return mlflow.active_run() is not None
+
+
 @contextlib.contextmanager
 def tracked_run(
     experiment: str,
@@ -160,13 +170,16 @@ def tracked_run(
     """Start an MLflow run in ``experiment`` with provenance params; end it FAILED if the body raises.
 
     ``data_files`` is ``{role: path}`` (or a list, roles ``data_0``...) and logs each path and its hash.
+    A ``nested`` run opened while a run is active is its child and lives in the parent's experiment (the
+    MLflow UI shows a run's children only within one experiment); ``experiment`` is for a top-level run.
     """
     if _tracking_off:
         yield UntrackedRun()
         return
     import mlflow
 
-    experiment_id = ensure_experiment(experiment)
+    parent = mlflow.active_run() if nested else None
+    experiment_id = parent.info.experiment_id if parent is not None else ensure_experiment(experiment)
     if isinstance(data_files, list):
         data_files = {f"data_{i}": path for i, path in enumerate(data_files)}
     # ``tags`` are written with the run itself: a run never exists without them, even if the process dies
@@ -181,6 +194,18 @@ def tracked_run(
         if all_params:
             run.log_params(all_params)
         yield run
+
+
+def flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one param per leaf, keys joined by dots (``gates.min_answer_f1``): the MLflow UI
+    compares runs param by param."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
