@@ -65,9 +65,10 @@ class RewardBootstrap(FollowsDSPyAutolog, Teleprompter):
     :func:`~apexdsp.optimizers.demos.labeled_plan_demos`). ``checkpoint``: a file where finished phases
     are kept, so that an interrupted compile rerun with the same settings resumes
     (:class:`~apexdsp.optimizers.checkpoint.CompileCheckpoint`). After ``compile``, ``self.report`` holds a
-    :class:`BootstrapReport`. Each ``compile`` is one MLflow run, nested in the active run if there is one,
-    else in ``experiment``: its settings, every candidate's scores as it is scored, the chosen candidate and
-    the compile's seconds (:mod:`~apexdsp.optimizers.bootstrap_run`).
+    :class:`BootstrapReport`. Each ``compile`` is one MLflow run, the child of the active run if there is
+    one (in that run's experiment), else a top-level run in ``experiment``: its settings, every candidate's
+    scores as it is scored, the chosen candidate and the compile's seconds
+    (:mod:`~apexdsp.optimizers.bootstrap_run`).
     """
 
     def __init__(self, config: BootstrapConfig | None = None, *, metric: Metric | None = None,
