@@ -115,29 +115,29 @@ class Ledger:
 
 
 def end_interrupted_runs(ledger: Ledger) -> list[str]:
-    """End as KILLED every run of ``ledger`` still RUNNING, and the RUNNING runs nested below them.
-
-    Called under the experiment lock, before any run is opened: no live process is logging to them, so
-    each was left by a process that was killed. Returns their ids.
-    """
+    """End as KILLED every run of ``ledger`` still RUNNING, and the RUNNING runs nested below them; returns
+    their ids. Called under the experiment lock before any run is opened: each was left by a killed process."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     from apexdsp.tracking.store import configure_tracking
 
     client = MlflowClient(configure_tracking())
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    running = "attributes.status = 'RUNNING'"
-    found = [r.info.run_id for r in client.search_runs(
-        experiments, f"tags.`apexdsp.ledger` = '{ledger.entry['id']}' and {running}", max_results=1000)]
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]  # every page: a nested run may be anywhere
+
+    def running(where: str) -> list[str]:
+        found = mlflow.search_runs(experiments, f"{where} and attributes.status = 'RUNNING'", output_format="list")
+        return [run.info.run_id for run in found]
+
+    found = running(f"tags.`apexdsp.ledger` = '{ledger.entry['id']}'") if experiments else []
     ended: list[str] = []
     while found:
         run_id = found.pop()
+        if run_id in ended:  # a child of the ledger's parent run carries the ledger's tag too
+            continue
         client.set_terminated(run_id, status="KILLED")
         ended.append(run_id)
-        found += [r.info.run_id for r in client.search_runs(
-            experiments, f"tags.`mlflow.parentRunId` = '{run_id}' and {running}", max_results=1000)]
+        found += running(f"tags.`mlflow.parentRunId` = '{run_id}'")
     return ended
 
 

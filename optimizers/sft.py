@@ -160,7 +160,7 @@ class ModuleSFT(FollowsDSPyAutolog, Teleprompter):
         name = self.name or "+".join(self.modules)
         target, work = weights_dir(self.out_dir, name), self.out_dir / "sft" / name
         digest = settings_digest(config, modules=list(predictors), reward=self._judge, min_reward=self.min_reward,
-                                 base_model=model_identity(base_dir),
+                                 base_model=model_identity(base_dir), teacher=teacher,
                                  data=examples if examples is not None else trainset)
         if config.resume and reusable_weights(target, digest):
             use_trained_lm(list(predictors.values()), target, base_lm)
