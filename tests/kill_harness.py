@@ -7,9 +7,9 @@ appears, found by polling the filesystem every ``POLL_S`` seconds). Every comman
 its own, so ``os.killpg`` reaches its children too, and writes its output to files, never to pipes that a
 killed reader would leave full. :class:`KillTable` gathers one :class:`Outcome` per kill and prints the
 table command x kill points x reruns finished x artifacts equal x files lost x MLflow runs left RUNNING.
+With ``APEXDSP_KILL_REPORT=path`` set, the table is also written there as JSON (:data:`REPORT_ENV`).
 It also reads back what the commands leave (a compiled program, an experiment's step folders, ``run
---check``) and names the product bugs a kill is known to expose (:data:`KNOWN_BUGS`), so that a test can
-mark exactly those as expected failures.
+--check``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 APEXDSP = str(Path(sys.executable).parent / "apexdsp")
 POLL_S = 0.03
 COMMAND_TIMEOUT_S = 600
+REPORT_ENV = "APEXDSP_KILL_REPORT"  # a path: where the session's table goes as JSON, besides pytest's temp folder
 # Names that writers in apexdsp, TRL and transformers give a file or folder before it is complete.
 TEMP_MARKERS = (".tmp", ".old", "tmp-checkpoint-")
 # The figures of an evaluation that do not depend on timing.
@@ -61,12 +62,14 @@ class KillPoint:
 
 @dataclass
 class Killed:
-    """What a kill attempt did: ``killed`` false means the command exited (``returncode``) before the point."""
+    """What a kill attempt did: ``killed`` false means the command exited (``returncode``) before the point;
+    ``temps``: the unfinished writes it left (what the rerun must clean up)."""
 
     point: str
     killed: bool
     at_s: float
     returncode: int | None = None
+    temps: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -82,26 +85,7 @@ class Outcome:
     running_left: int
     temps_left: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    known_bug: str = ""
-
-
-# Product bugs a kill exposes, by what the failing rerun prints (all of the strings): what happens and where.
-KNOWN_BUGS = [
-    (("load_from_json", "JSONDecodeError"),
-     "a checkpoint whose trainer_state.json a kill cut off counts as complete "
-     "(optimizers/trainer_checkpoints.py last_checkpoint checks only that the file exists): every rerun "
-     "resumes from it and fails with JSONDecodeError"),
-    (("sqlite3.OperationalError", "already exists"),
-     "a kill while MLflow creates a new sqlite store leaves it half created: every later command fails in "
-     "apexdsp/tracking/store.py ensure_experiment with 'table/index ... already exists'"),
-]
-RUNNING_BUG = ("a SIGKILLed step's MLflow child run stays RUNNING for ever: experiments/runner.py _tracked_step "
-               "opens it, the ledger records it only once the step is done, and the rerun opens a new one")
-
-
-def known_bug(text: str) -> str:
-    """The :data:`KNOWN_BUGS` description that ``text`` (a failing command's output) shows, if any."""
-    return next((bug for needles, bug in KNOWN_BUGS if all(needle in text for needle in needles)), "")
+    rerun_seconds: float = 0.0
 
 
 def error_line(text: str) -> str:
@@ -151,7 +135,8 @@ def run_to_end(argv: list[str], env: dict[str, str], logs: Path, name: str,
 
 def run_and_kill(argv: list[str], env: dict[str, str], point: KillPoint, logs: Path, name: str,
                  timeout: float = COMMAND_TIMEOUT_S) -> Killed:
-    """Start ``argv`` and SIGKILL its process group at ``point``, unless it exits first."""
+    """Start ``argv`` and SIGKILL its process group at ``point``, unless it exits first (``logs``: the folder
+    the command writes in, searched for what the kill left)."""
     started = time.monotonic()
     process, _, _ = _start(argv, env, logs, name)
     while True:
@@ -162,7 +147,7 @@ def run_and_kill(argv: list[str], env: dict[str, str], point: KillPoint, logs: P
         due = point.delay is not None and elapsed >= point.delay
         if due or (point.reached is not None and point.reached()) or elapsed > timeout:
             kill_group(process)
-            return Killed(point.label, True, elapsed)
+            return Killed(point.label, True, elapsed, temps=leftover_temps(logs))
         time.sleep(POLL_S)
 
 
@@ -183,12 +168,13 @@ def path_point(label: str, root: Path, pattern: str, check: Callable[[Path], boo
     return KillPoint(label, reached=reached)
 
 
-def aged_point(label: str, path: Path, seconds: float) -> KillPoint:
-    """Kill ``seconds`` after ``path`` is first seen to exist (a write that takes a while, caught part-way)."""
+def aged_point(label: str, root: Path, pattern: str, seconds: float) -> KillPoint:
+    """Kill ``seconds`` after a path matching ``pattern`` under ``root`` is first seen (a write that takes a
+    while, caught part-way)."""
     first_seen: list[float] = []
 
     def reached() -> bool:
-        if not first_seen and path.exists():
+        if not first_seen and any(root.glob(pattern)):
             first_seen.append(time.monotonic())
         return bool(first_seen) and time.monotonic() - first_seen[0] >= seconds
 
@@ -248,6 +234,18 @@ def running_runs(tracking_uri: str) -> list[str]:
                               max_results=1000) if experiments else []
     names = {e.experiment_id: e.name for e in experiments}
     return [f"{names[r.info.experiment_id]}/{r.info.run_name} ({r.info.run_id})" for r in runs]
+
+
+def step_runs(tracking_uri: str) -> dict[str, list[str]]:
+    """``{step key: [status of each run logged for it]}`` of the ``apexdsp run`` step runs in a store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found: dict[str, list[str]] = {}
+    for run in client.search_runs(experiments, "tags.`apexdsp.kind` = 'step'", max_results=1000) if experiments else []:
+        found.setdefault(run.data.tags["apexdsp.step_key"], []).append(run.info.status)
+    return found
 
 
 # -- what the apexdsp commands leave: read back for comparison -------------------------------------------
@@ -360,8 +358,16 @@ class KillTable:
         return "\n".join(lines + (["notes:"] + details if details else []))
 
     def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"rows": self.rows(), "outcomes": [asdict(o) for o in self.outcomes]}, indent=2))
         return path
+
+    def write_all(self, temp_folder: Path) -> list[Path]:
+        """``kill_table.json`` in ``temp_folder``, and the file :data:`REPORT_ENV` names, if set."""
+        paths = [temp_folder / "kill_table.json"]
+        if os.environ.get(REPORT_ENV):
+            paths.append(Path(os.environ[REPORT_ENV]))
+        return [self.write(path) for path in paths]
 
 
 TABLE = KillTable()
