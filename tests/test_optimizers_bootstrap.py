@@ -243,9 +243,13 @@ class PlanSearchAnswer(dspy.Module):
 
 def test_a_users_own_program_from_our_modules_compiles_and_round_trips(lm, retriever, questions, tmp_path):
     def raising_metric(example, prediction, trace=None):
+        """The user's own rule (it decides which runs become demos): the gold answer was found."""
+        from apexdsp.metrics.answer import answer_hit
+
         if example.id == questions[6].id:
             raise RuntimeError("metric bug")
-        return float(prediction.answer.lower() in {a.lower() for a in example.answers})
+        found = [f"{p.title} {p.text}" for p in prediction.trajectory.retrieved]
+        return answer_hit(list(example.answers), [prediction.answer, *found])
 
     teleprompter = RewardBootstrap(BootstrapConfig(gates=DemoGates(min_plan_reward=0.5), score_zero_shot=False,
                                                    **{**FAST, "num_candidates": 1}), metric=raising_metric)
