@@ -187,13 +187,21 @@ def paired_rows(runs: list[ComparedRun], metrics: tuple[str, ...] = PAIRED_METRI
 
 
 def reward_histories(runs: list[ComparedRun]) -> dict[str, list[tuple[int, float]]]:
-    """Reward metrics logged at several steps by the runs of the compared experiments (GRPO stages)."""
+    """Reward metrics logged at several steps by the runs of the compared experiments (GRPO stages).
+
+    A curve an experiment step's run logs (from its cached result) is also in the stage run nested below
+    it (logged live while training): it is drawn once, from the step's run."""
     client = _client()
     curves: dict[str, list[tuple[int, float]]] = {}
     for experiment_id in sorted({run.experiment_id for run in runs}):
-        for run in client.search_runs([experiment_id], max_results=5000):
+        found = client.search_runs([experiment_id], max_results=5000)
+        keys = {run.info.run_id: set(run.data.metrics) for run in found}
+        for run in found:
+            parent_keys = keys.get(run.data.tags.get("mlflow.parentRunId", ""), set())
             for key in run.data.metrics:
                 if not REWARD_CURVE.match(key):  # the mean reward and its components, not spreads or timings
+                    continue
+                if key in parent_keys:  # the same curve, logged again by the step run above it
                     continue
                 history = client.get_metric_history(run.info.run_id, key)
                 if len(history) > 1:
