@@ -36,7 +36,8 @@ def compile_program(
     program: Annotated[str, typer.Option(help="Program name: rag, apex, opera, qagent, vanilla.")] = "apex",
     optimizer: Annotated[str, typer.Option(help=(
         "Stages, '+'-separated: bootstrap, then calibrate or weight stages such as sft(reader.generate), "
-        "grpo(planner), grpo(executor.analyze:answer), or mapgrpo (the program's modules one after another); "
+        "sft(reader.decide,reader.choose) (several predictors on one LM), grpo(planner), "
+        "grpo(executor.analyze:answer), or mapgrpo (the program's modules one after another); "
         "e.g. 'bootstrap+sft(executor.analyze)+grpo(planner)'."))] = "bootstrap",
     index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
     retriever: Annotated[str, typer.Option(help=(
