@@ -40,11 +40,10 @@ from apexdsp.optimizers.trained_lm import (SETTINGS_DIGEST, copy_program, model_
                                            trainable_model_dir, use_trained_lm, weights_dir)
 from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
 from apexdsp.tracking.dspy_autolog import FollowsDSPyAutolog
-from apexdsp.tracking.run import tracked_run, write_json_atomic
+from apexdsp.tracking.run import COMPILE_EXPERIMENT, run_active, tracked_run, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-COMPILE_EXPERIMENT = "apexdsp-compile"
 
 
 @dataclass
@@ -132,7 +131,7 @@ class ModuleGRPO(FollowsDSPyAutolog, Teleprompter):
         params = {"module": module, "reward": module_reward.name, "base_model": str(base_dir),
                   "prompts": len(prompts), "questions": len(questions), **_prefixed(config.to_dict())}
         started = time.perf_counter()
-        with tracked_run(self.experiment, run_name=f"grpo-{name}", params=params, nested=_has_active_run(),
+        with tracked_run(self.experiment, run_name=f"grpo-{name}", params=params, nested=run_active(),
                          tags={"apexdsp.kind": "grpo", "apexdsp.module": module}) as run:
             trainer, monitor = self._trainer(config, base_dir, prompts, reward_fn, work, module)
             checkpoint = last_checkpoint(work / "checkpoints", digest) if config.resume else None
@@ -230,12 +229,6 @@ def align_end_of_turn(tokenizer: Any, model: Any) -> None:
 
 def _prefixed(config: dict[str, Any]) -> dict[str, Any]:
     return {f"grpo.{k}": v for k, v in config.items()}
-
-
-def _has_active_run() -> bool:
-    import mlflow
-
-    return mlflow.active_run() is not None
 
 
 __all__ = ["COMPILE_EXPERIMENT", "GRPOResult", "ModuleGRPO"]

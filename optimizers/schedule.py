@@ -25,12 +25,12 @@ from dspy.teleprompt import Teleprompter
 
 from apexdsp.errors import ApexError
 from apexdsp.optimizers.calibration import ChoiceCalibration
-from apexdsp.optimizers.grpo import COMPILE_EXPERIMENT, ModuleGRPO, _has_active_run
+from apexdsp.optimizers.grpo import ModuleGRPO
 from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
 from apexdsp.optimizers.module_rewards import DEFAULT_MODULE_REWARDS
 from apexdsp.optimizers.sft import ModuleSFT, SFTStageConfig
 from apexdsp.tracking.dspy_autolog import FollowsDSPyAutolog
-from apexdsp.tracking.run import tracked_run
+from apexdsp.tracking.run import COMPILE_EXPERIMENT, run_active, tracked_run
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class ProgressiveSchedule(FollowsDSPyAutolog, Teleprompter):
         self.check(student)
         program = student
         labels = [f"{s.kind}({s.module})" for s in self.stages]
-        with tracked_run(self.experiment, run_name="schedule", nested=_has_active_run(),
+        with tracked_run(self.experiment, run_name="schedule", nested=run_active(),
                          params={"stages": " -> ".join(labels)}, tags={"apexdsp.kind": "schedule"}) as run:
             for index, stage in enumerate(self.stages, start=1):
                 logger.info("stage %d/%d: %s", index, len(self.stages), labels[index - 1])

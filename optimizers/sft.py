@@ -28,7 +28,7 @@ from dspy.teleprompt import Teleprompter
 from apexdsp.errors import ApexError
 from apexdsp.memory import release_memory
 from apexdsp.optimizers.annotated_calls import AnnotatedReport, annotated_examples
-from apexdsp.optimizers.grpo import COMPILE_EXPERIMENT, _has_active_run, align_end_of_turn
+from apexdsp.optimizers.grpo import align_end_of_turn
 from apexdsp.optimizers.grpo_config import LoraOptions
 from apexdsp.optimizers.grpo_tracking import MlflowStepLogger
 from apexdsp.optimizers.sft_examples import (SFTExample, collect_sft_examples, module_predictors,
@@ -38,7 +38,7 @@ from apexdsp.optimizers.trained_lm import (SETTINGS_DIGEST, copy_program, model_
                                            trainable_model_dir, use_trained_lm, weights_dir)
 from apexdsp.optimizers.trainer_checkpoints import last_checkpoint
 from apexdsp.tracking.dspy_autolog import FollowsDSPyAutolog
-from apexdsp.tracking.run import tracked_run, write_json_atomic
+from apexdsp.tracking.run import COMPILE_EXPERIMENT, run_active, tracked_run, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class ModuleSFT(FollowsDSPyAutolog, Teleprompter):
                   "min_reward": self.min_reward, "base_model": str(base_dir),
                   **{f"sft.{k}": v for k, v in asdict(config).items()}}
         started = time.perf_counter()
-        with tracked_run(self.experiment, run_name=f"sft-{name}", params=params, nested=_has_active_run(),
+        with tracked_run(self.experiment, run_name=f"sft-{name}", params=params, nested=run_active(),
                          tags={"apexdsp.kind": "sft"}) as run:
             trainer = self._trainer(base_dir, examples, work)
             checkpoint = last_checkpoint(work / "checkpoints", digest) if config.resume else None
