@@ -20,7 +20,13 @@ classes, by identity, never by a signature's name):
   by the gold sub-answers; else the whole question as a one-step plan) and the passages searched with it
   -> its answer, ``answered: yes``;
 * :class:`~apexdsp.programs.answer.AnswerStep` ``.generate`` (APEX, OPERA): the question, the findings
-  of a gold decomposition and the passages its sub-questions retrieve -> the gold answer;
+  of a gold decomposition and the passages its sub-questions retrieve -> the gold answer. Without a
+  decomposition (HotpotQA, 2WikiMultihopQA) the plan is one step, the question itself, as the planner
+  writes it when it does not decompose: the finding is the gold answer, kept only where the passages that
+  search retrieves show it (a correct executor read it there); ``.decide`` and ``.choose`` take the closed
+  forms over the same one-step findings, whose sub-answer is the top passage's title (an executor's
+  answer to a closed question names an entity, never the judgement), so the judgement comes from the
+  passages;
 * :class:`~apexdsp.programs.planner.Planner` ``.write_plan``: the question -> its gold decomposition
   written as the planner writes plans (MuSiQue; no search, so nothing to check it against).
 
@@ -90,6 +96,22 @@ def _reader_passages(program: Any, reader: PassageReader, question: Question, re
     return format_passages(_search(retriever, [question.question], k)[0], reader.passage_chars)
 
 
+def _one_step_inputs(program: Any, step: AnswerStep, question: Question, retriever: Any,
+                     sub_answer: Callable[[list[Any]], str]) -> tuple[dict[str, str], str]:
+    """The answer step's ``findings`` and ``passages`` after a one-step plan (the question itself, searched
+    as it is), the finding's answer chosen by ``sub_answer(hits)``; also the passages' text alone."""
+    config = getattr(program, "config", None)
+    hits = _search(retriever, [question.question], getattr(config, "k", 5))[0]
+    passages = format_passages(fuse([hits], getattr(config, "answer_passages", 5)), step.passage_chars)
+    record = SubGoalRecord(step=1, question=question.question, filled=question.question,
+                           answer=sub_answer(hits), answered=True)
+    return {"findings": findings_text([record]), "passages": passages}, passages
+
+
+def _top_title(hits: list[Any]) -> str:
+    return hits[0].title if hits else "unknown"
+
+
 def _reader_calls(program: Any, reader: PassageReader, question: Question, retriever: Any):
     if not _open_question(question):
         return [], "closed form (typed predictors)"
@@ -98,17 +120,25 @@ def _reader_calls(program: Any, reader: PassageReader, question: Question, retri
                   passages)], None
 
 
-def _decide_calls(program: Any, reader: PassageReader, question: Question, retriever: Any):
+def _evidence(program: Any, owner: Any, question: Question, retriever: Any) -> dict[str, str]:
+    """The evidence fields a typed predictor of ``owner`` reads: the reader's passages, or the answer step's
+    one-step findings and passages."""
+    if isinstance(owner, AnswerStep):
+        return _one_step_inputs(program, owner, question, retriever, _top_title)[0]
+    return {"passages": _reader_passages(program, owner, question, retriever)}
+
+
+def _decide_calls(program: Any, owner: Any, question: Question, retriever: Any):
     if not is_yes_no_question(question.question):
         return [], "not a yes/no question"
     gold = normalize_answer(question.answer)
     if gold not in ("yes", "no"):
         return [], "yes/no question with another answer"
-    passages = _reader_passages(program, reader, question, retriever)
-    return [_Call({"question": question.question, "passages": passages}, {"answer": gold}, None)], None
+    inputs = {"question": question.question, **_evidence(program, owner, question, retriever)}
+    return [_Call(inputs, {"answer": gold}, None)], None
 
 
-def _choose_calls(program: Any, reader: PassageReader, question: Question, retriever: Any):
+def _choose_calls(program: Any, owner: Any, question: Question, retriever: Any):
     options = choice_options(question.question)
     if options is None:
         return [], "not an X-or-Y question"
@@ -116,9 +146,9 @@ def _choose_calls(program: Any, reader: PassageReader, question: Question, retri
     letters = [letter for letter, option in zip("AB", options) if normalize_answer(option) in golds]
     if len(letters) != 1:
         return [], "gold answer not one of the two options"
-    passages = _reader_passages(program, reader, question, retriever)
-    return [_Call({"question": question.question, "options": format_options(options), "passages": passages},
-                  {"answer": letters[0]}, None)], None
+    inputs = {"question": question.question, "options": format_options(options),
+              **_evidence(program, owner, question, retriever)}
+    return [_Call(inputs, {"answer": letters[0]}, None)], None
 
 
 _PLACEHOLDER = re.compile(r"#(\d+)")
@@ -157,8 +187,9 @@ def _answer_step_calls(program: Any, step: AnswerStep, question: Question, retri
     if not _open_question(question):
         return [], "closed form (typed predictors)"
     steps = filled_steps(question)
-    if not steps:
-        return [], "no decomposition"
+    if not steps:  # a one-step plan: the finding is the gold answer, read from the passages shown
+        inputs, passages = _one_step_inputs(program, step, question, retriever, lambda hits: question.answer)
+        return [_Call({"question": question.question, **inputs}, {"answer": question.answer}, passages)], None
     config = getattr(program, "config", None)
     found = _search(retriever, [sub for sub, _ in steps], getattr(config, "k", 5))
     passages = format_passages(fuse(found, getattr(config, "answer_passages", 5)), step.passage_chars)
@@ -187,6 +218,8 @@ SYNTHESIZERS: dict[tuple[type, str], Callable[..., tuple[list[_Call], str | None
     (PassageReader, "choose"): _choose_calls,
     (Executor, "analyze"): _analyze_calls,
     (AnswerStep, "generate"): _answer_step_calls,
+    (AnswerStep, "decide"): _decide_calls,
+    (AnswerStep, "choose"): _choose_calls,
     (Planner, "write_plan"): _planner_calls,
 }
 

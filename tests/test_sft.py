@@ -194,6 +194,41 @@ def test_annotated_executor_and_answer_step_calls_follow_the_gold_decomposition(
         assert "[[ ## findings ## ]]" in example.messages[-2]["content"]
 
 
+def test_answer_step_calls_without_a_decomposition_follow_a_one_step_plan(tiny_lm, paragraphs_index):
+    """HotpotQA has no sub-questions: the answer step's calls are those after a one-step plan (the question
+    itself). Open questions: the finding is the gold answer, kept only where the passages show it; closed
+    forms go to the typed predictors, whose finding names the top passage, never the judgement."""
+    from apexdsp.optimizers.annotated_calls import AnnotatedReport, annotated_examples
+    from apexdsp.programs.question_forms import choice_options, is_yes_no_question
+    from apexdsp.programs.registry import build_program
+
+    records, retriever = paragraphs_index
+    hotpot = [r for r in records if not r.decomposition]
+    program = build_program("apex", retriever=retriever)
+    predictors = {name: getattr(program.answer_step, name.split(".")[1])
+                  for name in ("answer_step.generate", "answer_step.decide", "answer_step.choose")}
+    report = AnnotatedReport()
+    examples = annotated_examples(program, hotpot, predictors, retriever=retriever, report=report)
+    by_id = {q.id: q for q in hotpot}
+    assert {e.module for e in examples} == set(predictors)
+    for example in examples:
+        question = by_id[example.question_id]
+        prompt = example.messages[-2]["content"]
+        findings = prompt.split("[[ ## findings ## ]]")[1].split("[[ ## passages ## ]]")[0].strip()
+        passages = prompt.split("[[ ## passages ## ]]")[1]
+        assert findings.startswith(f"- {question.question} -> ")
+        if example.module == "answer_step.generate":
+            assert findings == f"- {question.question} -> {question.answer}"
+            assert question.answer.lower() in passages.lower()  # the executor could have read it there
+        else:
+            assert is_yes_no_question(question.question) or choice_options(question.question) is not None
+            top_title = passages.split("[1] ", 1)[1].split(":", 1)[0]
+            assert findings == f"- {question.question} -> {top_title}"
+    dropped = report.summary()["dropped"]
+    assert dropped["answer_step.generate/answer not in the prompt"] > 0
+    assert dropped["answer_step.generate/closed form (typed predictors)"] > 0
+
+
 def test_a_stage_the_program_cannot_run_is_refused_before_any_work(tiny_lm, paragraphs_index, tmp_path):
     from apexdsp.optimizers.schedule import ProgressiveSchedule, parse_stages
     from apexdsp.programs.registry import build_program
