@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from apexdsp.data.records import DecompositionStep, Paragraph, Question
+from apexdsp.data.records import DecompositionStep, Paragraph, Question, describe_validation_error
 from apexdsp.errors import ApexError, DataError
 
 __all__ = [
@@ -183,8 +183,6 @@ def map_rows(name: str, rows: Iterable[Mapping[str, Any]]) -> list[Question]:
         except MissingField as error:
             raise DataError(f"hub dataset {name} row {index}: field '{error.args[0]}' missing") from None
         except ValidationError as error:
-            from apexdsp.data.loaders import describe_validation_error
-
             raise DataError(f"hub dataset {name} row {index}: {describe_validation_error(error)}") from None
         except (KeyError, TypeError, ValueError, IndexError) as error:
             shape = f"unexpected shape ({type(error).__name__}: {error})"

@@ -17,7 +17,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from apexdsp.data.records import Passage, Question
+from apexdsp.data import hub
+from apexdsp.data.records import Passage, Question, describe_validation_error
 from apexdsp.errors import DataError
 
 __all__ = [
@@ -65,27 +66,6 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
                 yield line_number, value
         except OSError as error:  # a directory, or an I/O error mid-file
             raise DataError(f"cannot read {name}: {error.strerror or error}") from None
-
-
-def _field_path(location: tuple) -> str:
-    """``('paragraphs', 0, 'text')`` -> ``paragraphs[0].text``."""
-    text = ""
-    for part in location:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """The first problem of a pydantic error as ``field 'answer' missing`` (plus how many more)."""
-    first = error.errors()[0]
-    field = _field_path(tuple(first["loc"])) or "record"
-    if first["type"] == "missing":
-        message = f"field '{field}' missing"
-    else:
-        detail = first["msg"].removeprefix("Value error, ")
-        message = f"field '{field}' invalid ({detail})"
-    more = error.error_count() - 1
-    return message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
 def _iter_records(path: PathLike, model: type[Record]) -> Iterator[Record]:
@@ -155,8 +135,6 @@ def load_questions(
     file. ``split`` only applies to hub datasets (each has a default). ``cache_dir`` is passed to
     ``datasets.load_dataset``.
     """
-    from apexdsp.data import hub
-
     name = os.fspath(source)
     if not Path(name).exists() and name.lower() in hub.HUB_DATASETS:
         return hub.load_hub_questions(name.lower(), split=split, limit=limit, cache_dir=cache_dir)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Paragraph(BaseModel):
@@ -64,3 +64,24 @@ class Passage(BaseModel):
     id: str = Field(min_length=1)
     title: str
     text: str
+
+
+def _field_path(location: tuple) -> str:
+    """``('paragraphs', 0, 'text')`` -> ``paragraphs[0].text``."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """The first problem of a pydantic error as ``field 'answer' missing`` (plus how many more)."""
+    first = error.errors()[0]
+    field = _field_path(tuple(first["loc"])) or "record"
+    if first["type"] == "missing":
+        message = f"field '{field}' missing"
+    else:
+        detail = first["msg"].removeprefix("Value error, ")
+        message = f"field '{field}' invalid ({detail})"
+    more = error.error_count() - 1
+    return message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
