@@ -26,12 +26,16 @@ from dspy.lm15 import Message, Request, Response, Usage, UnsupportedFeatureError
 from apexdsp.errors import ModelNotAvailable
 from apexdsp.lm.batching import BatchingConfig, BatchScheduler, BatchStats
 from apexdsp.lm.generation import MAX_PREFILL_PADDING, Completion, DecodeBatch, SamplingParams
+from apexdsp.lm.local_models import local_source
 from apexdsp.lm.request_settings import PromptTooLong, generation_defaults, refuse_unsupported
 
 CANDIDATE_MEMORY = 256  # seeded requests remembered to number DSPy's repeated sends of one request
 # Two engines loading at once (a program's modules on different weights, first called from many threads)
 # made transformers fail with "Cannot copy out of meta tensor": its loading is not thread-safe.
 _FROM_PRETRAINED = threading.Lock()
+# Each local model loads once per process: one engine per (source, config), shared by every LM over it.
+_SHARED: dict[tuple[str, "EngineConfig"], "LocalEngine"] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class EngineConfig:
 class LocalEngine:
     """Serves one local causal LM folder (safetensors + tokenizer) to DSPy.
 
-    ``source`` is what :func:`apexdsp.lm.registry.resolve_local` understands (a registry name such as
+    ``source`` is what :func:`apexdsp.lm.local_models.resolve_local` understands (a registry name such as
     ``smollm2-135m`` or a folder); it is what a saved program records, so that loading it elsewhere
     finds the model again without a machine-specific path. The weights load on the first request.
     Sampling settings a request leaves unset come from the folder's ``generation_config.json``, else
@@ -146,9 +150,18 @@ class LocalEngine:
 
     @classmethod
     def load_state(cls, state: dict) -> "LocalEngine":
-        from apexdsp.lm.registry import local_engine
+        return cls.shared(state["source"], EngineConfig(**state.get("config", {})))
 
-        return local_engine(state["source"], EngineConfig(**state.get("config", {})))
+    @classmethod
+    def shared(cls, name: str, config: EngineConfig | None = None) -> "LocalEngine":
+        """The process's engine for a known model or a folder (converting a GGUF model on first use)."""
+        config = config or EngineConfig()
+        with _SHARED_LOCK:
+            source, folder = local_source(name)
+            engine = _SHARED.get((source, config))
+            if engine is None:
+                engine = _SHARED[(source, config)] = cls(source, folder, config)
+            return engine
 
     # -- request translation -------------------------------------------------------------------------
 
@@ -326,6 +339,12 @@ class AsyncLocalEngine:
     @classmethod
     def load_state(cls, state: dict) -> "AsyncLocalEngine":
         return cls(LocalEngine.load_state(state))
+
+
+def shared_engines() -> list[LocalEngine]:
+    """Every engine :meth:`LocalEngine.shared` has loaded in this process."""
+    with _SHARED_LOCK:
+        return list(_SHARED.values())
 
 
 def cpu_has_native_bf16() -> bool:

@@ -12,14 +12,13 @@ copy of the weights and one batching worker (which is what lets calls from sever
 from __future__ import annotations
 
 import hashlib
-import threading
-from pathlib import Path
 from typing import Any
 
 from apexdsp.errors import ModelNotAvailable
 from apexdsp.lm.batching import BatchStats
-from apexdsp.lm.engine import AsyncLocalEngine, EngineConfig, LocalEngine
-from apexdsp.lm.gguf_models import GGUF_MODELS, ensure_converted, locate_gguf
+from apexdsp.lm.engine import AsyncLocalEngine, EngineConfig, LocalEngine, shared_engines
+from apexdsp.lm.gguf_models import GGUF_MODELS
+from apexdsp.lm.local_models import is_local, resolve_local
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -29,9 +28,6 @@ KNOWN_MODELS: dict[str, str] = {name: model.description for name, model in GGUF_
 # What a local LM gets unless its folder's generation_config.json or the caller says otherwise: greedy
 # decoding (reproducible evaluations) and a budget that fits DSPy's ChatAdapter answers from a small model.
 LOCAL_LM_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 512}
-
-_engines: dict[tuple[str, EngineConfig], LocalEngine] = {}
-_engines_lock = threading.Lock()
 
 
 def get_lm(name: str = DEFAULT_MODEL, *, engine_config: EngineConfig | None = None, **lm_kwargs: Any):
@@ -62,44 +58,17 @@ def get_lm(name: str = DEFAULT_MODEL, *, engine_config: EngineConfig | None = No
     )
 
 
-def is_local(name: str) -> bool:
-    """Whether ``name`` is served in-process (a known model, ``hf:...``, or an existing folder)."""
-    return name in GGUF_MODELS or name.startswith("hf:") or Path(name).expanduser().is_dir()
-
-
 def local_engine(name: str, config: EngineConfig | None = None) -> LocalEngine:
     """The shared engine for a known model or a folder, converting a GGUF model on first use."""
-    config = config or EngineConfig()
-    with _engines_lock:
-        folder = resolve_local(name)
-        source = name if name in GGUF_MODELS else str(folder)  # hf:/x and /x are one model
-        engine = _engines.get((source, config))
-        if engine is None:
-            engine = _engines[(source, config)] = LocalEngine(source, folder, config)
-        return engine
+    return LocalEngine.shared(name, config)
 
 
 def local_engine_stats() -> BatchStats:
     """The counters of every local engine loaded in this process, summed (zero when none is)."""
-    with _engines_lock:
-        engines = list(_engines.values())
     total = BatchStats()
-    for engine in engines:
+    for engine in shared_engines():
         total = total + engine.stats()
     return total
-
-
-def resolve_local(name: str) -> Path:
-    """The transformers folder behind a local model name (converting a packaged GGUF once)."""
-    if name in GGUF_MODELS:
-        locate_gguf(name)  # the one-line "pip install ..." error before any slow work
-        return ensure_converted(name)
-    folder = Path(name.removeprefix("hf:")).expanduser()
-    if not folder.is_dir():
-        raise ModelNotAvailable(f"model folder {folder} does not exist")
-    if not (folder / "config.json").is_file():
-        raise ModelNotAvailable(f"{folder} is not a transformers model folder (no config.json)")
-    return folder.resolve()
 
 
 def _model_id(name: str, engine: LocalEngine) -> str:
@@ -115,3 +84,7 @@ def _model_id(name: str, engine: LocalEngine) -> str:
 
 def _known() -> str:
     return ", ".join(sorted(KNOWN_MODELS))
+
+
+__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "LOCAL_LM_DEFAULTS", "get_lm", "is_local", "local_engine",
+           "local_engine_stats", "resolve_local"]
