@@ -30,7 +30,7 @@ from typing import Any, Literal
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from apexdsp.data.examples import to_examples
+from apexdsp.data.examples import as_examples
 from apexdsp.data.records import Question
 from apexdsp.errors import ApexError
 from apexdsp.indexes.base import Retriever
@@ -294,12 +294,6 @@ class RewardBootstrap(FollowsDSPyAutolog, Teleprompter):
     def get_params(self) -> dict[str, Any]:
         return {"config": self.config.model_dump(), "metric": getattr(self.metric, "__name__", None),
                 "metric_threshold": self.metric_threshold}
-
-
-def as_examples(items: Sequence[dspy.Example | Question] | None) -> list[dspy.Example]:
-    """DSPy examples from examples or :class:`Question` records (as ``to_examples`` makes them)."""
-    items = list(items or [])
-    return [to_examples([item])[0] if isinstance(item, Question) else item for item in items]
 
 
 def find_retriever(program: dspy.Module) -> Retriever | None:

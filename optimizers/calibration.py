@@ -31,6 +31,7 @@ import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from apexdsp.data.examples import as_examples
 from apexdsp.lm.adapter import CHOICE_BIAS, prefills
 from apexdsp.metrics.answer import normalize_answer
 from apexdsp.programs.choice import ChoicePredict, choice_values
@@ -172,8 +173,6 @@ class ChoiceCalibration(FollowsDSPyAutolog, Teleprompter):
 
     def compile(self, student: dspy.Module, *, trainset: Sequence[Any], valset: Any = None,
                 teacher: Any = None) -> dspy.Module:
-        from apexdsp.optimizers.bootstrap import as_examples
-
         program = student.deepcopy()
         targets = {name: p for name, p in program.named_predictors()
                    if isinstance(p, ChoicePredict) and len(choice_values(p)) == 2}

@@ -8,13 +8,13 @@ that a program saved with labelled demos serialises to JSON.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import dspy
 
 from apexdsp.data.records import Question
 
-__all__ = ["to_example", "to_examples"]
+__all__ = ["as_examples", "to_example", "to_examples"]
 
 
 def to_example(question: Question) -> dspy.Example:
@@ -36,3 +36,8 @@ def to_example(question: Question) -> dspy.Example:
 def to_examples(questions: Iterable[Question]) -> list[dspy.Example]:
     """Every question as a ``dspy.Example`` (see :func:`to_example`)."""
     return [to_example(question) for question in questions]
+
+
+def as_examples(items: Sequence[dspy.Example | Question] | None) -> list[dspy.Example]:
+    """DSPy examples from examples or :class:`Question` records (as :func:`to_examples` makes them)."""
+    return [to_example(item) if isinstance(item, Question) else item for item in items or []]
