@@ -118,14 +118,14 @@ class RewardBootstrap(FollowsDSPyAutolog, Teleprompter):
         if checkpoint is not None and checkpoint.bootstrap is not None:
             pool, rejected, verdicts, errors = checkpoint.load_bootstrap()
             _say(self.config, f"bootstrap: resumed from {checkpoint.path} ({len(verdicts)} traces judged)")
-            resumed, reasons = len(verdicts), Counter()
+            resumed, reasons = len(verdicts), checkpoint.rejection_reasons()
         else:
             done = checkpoint.teacher_outcomes() if checkpoint is not None else {}
             resumed = len(done)
             pool, rejected, verdicts, errors, reasons = self._bootstrap(teacher, train, names, retriever,
                                                                         checkpoint, done)
             if checkpoint is not None:
-                checkpoint.save_bootstrap(pool, rejected, verdicts, errors)
+                checkpoint.save_bootstrap(pool, rejected, verdicts, errors, reasons)
         bootstrap_seconds = time.perf_counter() - started
 
         budgets = {name: self.config.demo_budget(signature_name(p)) for name, p in student.named_predictors()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,14 @@ class CompileCheckpoint:
         """The training questions the teacher pass judged before it was interrupted, by position."""
         return {int(position): QuestionOutcome(verdict_from_json(data["verdict"]),
                                                [demo_from_json(d) for d in data["demos"]], data["rejected"],
-                                               data["raised"])
+                                               data["raised"], data.get("reasons") or {})
                 for position, data in (self.state.get("teacher") or {}).items()}
 
     def save_teacher_outcomes(self, outcomes: Outcomes) -> None:
         self.state["teacher"] = {str(position): {"verdict": verdict_to_json(o.verdict),
                                                  "demos": [demo_to_json(d) for d in o.demos],
-                                                 "rejected": o.rejected, "raised": o.raised}
+                                                 "rejected": o.rejected, "raised": o.raised,
+                                                 "reasons": o.reasons}
                                  for position, o in outcomes.items()}
         write_json_atomic(self.state, self.path)
 
@@ -89,10 +91,10 @@ class CompileCheckpoint:
         return self.state.get("bootstrap")
 
     def save_bootstrap(self, pool: dict[str, list[Demo]], rejected: dict[str, int], verdicts: list[TraceVerdict],
-                       errors: int) -> None:
+                       errors: int, reasons: dict[str, int] | None = None) -> None:
         self.state["bootstrap"] = {"pool": {k: [demo_to_json(d) for d in v] for k, v in pool.items()},
                                    "rejected": dict(rejected), "verdicts": [verdict_to_json(v) for v in verdicts],
-                                   "errors": errors}
+                                   "errors": errors, "reasons": dict(reasons or {})}
         self.state["teacher"] = {}  # the finished pass above holds it all
         write_json_atomic(self.state, self.path)
 
@@ -100,6 +102,10 @@ class CompileCheckpoint:
         done = self.state["bootstrap"]
         return ({k: [demo_from_json(d) for d in v] for k, v in done["pool"].items()}, done["rejected"],
                 [verdict_from_json(v) for v in done["verdicts"]], done["errors"])
+
+    def rejection_reasons(self) -> Counter:
+        """Why the pooled pass's module calls were rejected (the report's ``rejected_reasons``)."""
+        return Counter(self.state["bootstrap"].get("reasons") or {})
 
     def candidate(self, index: int) -> dict[str, Any] | None:
         return self.state["candidates"].get(str(index))

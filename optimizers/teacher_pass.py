@@ -96,7 +96,7 @@ def pooled(outcomes: Outcomes) -> tuple[dict[str, list[Demo]], Counter, list[Tra
 
 
 def rejection_reasons(outcomes: Outcomes) -> Counter:
-    """Module calls turned down, by ``"<predictor>: <why>"`` (questions resumed from a checkpoint have none)."""
+    """Module calls turned down, by ``"<predictor>: <why>"``."""
     reasons: Counter = Counter()
     for outcome in outcomes.values():
         reasons.update(outcome.reasons)

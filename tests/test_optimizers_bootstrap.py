@@ -149,6 +149,7 @@ def test_an_interrupted_compile_resumes_from_its_checkpoint(compiled_apex, retri
         resumed = again.compile(student, trainset=questions[:6], valset=questions[6:8])
         assert [p.demos for _, p in resumed.named_predictors()] == [p.demos for _, p in program.named_predictors()]
         assert again.report.candidates == report.candidates and again.report.passed == report.passed
+        assert again.report.rejected_reasons == report.rejected_reasons  # kept with the pooled demos
         changed = APEX_CONFIG.model_copy(update={"seed": 1})  # other settings: the checkpoint is not theirs
         with pytest.raises(ApexError, match="no trace of 6 training questions passed"):
             RewardBootstrap(changed, checkpoint=checkpoint).compile(student, trainset=questions[:6],
@@ -200,7 +201,7 @@ def test_a_compile_killed_in_its_teacher_pass_resumes_with_the_questions_not_yet
     assert again.report.teacher_resumed == len(saved["teacher"])
     # Pooled in trainset order: the same demos and candidates as the compile that was never interrupted.
     assert [p.demos for _, p in resumed.named_predictors()] == [p.demos for _, p in program.named_predictors()]
-    assert again.report.passed == report.passed
+    assert again.report.passed == report.passed and again.report.rejected_reasons == report.rejected_reasons
     assert [(c["label"], c["metric"], c["f1"]) for c in again.report.candidates] == \
         [(c["label"], c["metric"], c["f1"]) for c in report.candidates]
     assert json.loads(checkpoint.read_text())["teacher"] == {}  # the finished pass replaced the per-question part
