@@ -24,11 +24,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_abandoned(target: Path) -> list[Path]:
-    """Delete staging folders of ``target`` left by builds whose process died (killed, power loss)."""
+def remove_abandoned(target: Path, hidden: bool = False) -> list[Path]:
+    """Delete staging folders of ``target`` left by builds whose process died (killed, power loss); an
+    earlier ``target`` a build had moved aside goes back in place. ``hidden``: the folders are named
+    ``.NAME.tmp-<pid>`` and ``.NAME.old-<pid>`` (as a compiled program's save names them)."""
     removed = []
     for kind in ("tmp", "old"):
-        for leftover in target.parent.glob(f"{target.name}.{kind}-*"):
+        for leftover in target.parent.glob(f"{'.' if hidden else ''}{target.name}.{kind}-*"):
             suffix = leftover.name.rsplit("-", 1)[-1]
             if not (suffix.isdigit() and leftover.is_dir()) or _alive(int(suffix)):
                 continue

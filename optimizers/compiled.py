@@ -4,8 +4,8 @@ A compiled program is a directory::
 
     DIR/
       apexdsp-compiled.json   the manifest (:class:`CompiledManifest`): which program with which options,
-                              which LM and index each module uses, versions, data hashes, the optimizer
-                              and its scores
+                              the LM each predictor runs on (``modules``; ``lm`` is the compile's default)
+                              and the index it searches, versions, data hashes, the optimizer and its scores
       program.json            DSPy's JSON state (``module.save(path)``): per predictor its signature
                               (instructions, field prefixes) and its demos
       weights/<predictor>/    (later stages) a fine-tuned transformers folder per module, named by the
@@ -13,9 +13,13 @@ A compiled program is a directory::
                               own local LM served from the folder
 
 No code is pickled: loading rebuilds the program from the registry (``build_program(name, **options)``) or
-takes the caller's own instance, then loads the JSON state into it. The directory is written next to its
-target under a temporary name and renamed into place, so an interrupted save never leaves half a program
-where a good one was.
+takes the caller's own instance, then loads the JSON state into it, and binds each predictor to the LM the
+manifest names for it: a predictor that ran on an LM of its own gets that LM again, a trained one an LM over
+its weights folder, and the rest run on the LM the caller configured (``manifest.lm`` is the one they were
+compiled with). ``program.json`` alone is DSPy's own format: ``program.load(path)`` on a fresh instance
+restores the instructions and demos, not the LMs. The directory is written next to its target under a
+temporary name and renamed into place, so an interrupted save never leaves half a program where a good one
+was.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ FORMAT = "apexdsp-compiled/1"
 
 
 class ModuleBinding(BaseModel):
-    """What one predictor runs on. ``weights``: a folder relative to the compiled directory (stage 2+)."""
+    """What one predictor runs on: ``lm``, a model name as ``get_lm`` takes it (for trained weights, the model
+    they were trained from), and ``weights``, a folder relative to the compiled directory (stage 2+)."""
 
     lm: str
     weights: str | None = None
@@ -77,6 +82,11 @@ class CompiledManifest(BaseModel):
     data: dict[str, DataRef] = Field(default_factory=dict)
     optimizer: dict[str, Any] = Field(default_factory=dict)  # name, config, scores
     created_at: str = ""
+
+    def own_lms(self) -> dict[str, str]:
+        """``{predictor: LM}`` for the predictors that ran on an LM other than ``lm`` (trained ones: the model
+        their weights were trained from). Empty for a manifest written before predictors' own LMs were kept."""
+        return {name: binding.lm for name, binding in self.modules.items() if binding.lm != self.lm}
 
 
 @dataclass
@@ -145,9 +155,13 @@ def save_compiled(program: dspy.Module, directory: str | os.PathLike[str], *, lm
     predictors = [n for n, _ in program.named_predictors()]
     manifest = CompiledManifest(
         program=name, program_options=options, predictors=predictors, lm=lm,
-        modules={n: ModuleBinding(lm=lm) for n in predictors}, index=index, versions=versions(),
+        modules={n: ModuleBinding(lm=lm_name(p.lm, lm)) for n, p in program.named_predictors()}, index=index,
+        versions=versions(),
         data=data or {}, optimizer=optimizer or {}, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     target.parent.mkdir(parents=True, exist_ok=True)
+    from apexdsp.indexes.atomic import remove_abandoned
+
+    remove_abandoned(target, hidden=True)  # what a save killed part-way left (its process is gone)
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -163,6 +177,56 @@ def save_compiled(program: dspy.Module, directory: str | os.PathLike[str], *, lm
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def lm_name(lm: Any, default: str) -> str:
+    """The name a manifest records for a predictor's LM: ``default`` for none (it runs on the configured LM);
+    for a local LM its registry name or folder, and for trained weights the model they were trained from (the
+    first that is not itself trained); for any other ``dspy.LM`` its model string."""
+    if lm is None:
+        return default
+    from apexdsp.lm.engine import LocalEngine
+
+    engine = getattr(lm, "engine", None)
+    if not isinstance(engine, LocalEngine):
+        return str(getattr(lm, "model", None) or default)
+    from apexdsp.optimizers.trained_lm import is_trained
+    from apexdsp.optimizers.trained_lm import read_manifest as read_trained
+
+    folder, source = engine.model_dir, engine.source
+    for _ in range(32):  # SFT then GRPO: weights trained from weights
+        if not is_trained(folder):
+            break
+        base = read_trained(folder).get("base_model")
+        if not base:
+            return default
+        folder, source = Path(base), None
+    name = source or _local_name(folder)
+    return default if _same_folder(name, default) else name
+
+
+def _same_folder(name: str, default: str) -> bool:
+    """Whether two local model names are one folder (``hf:/x``, ``./x`` and ``/x``)."""
+    if name == default:
+        return True
+    folders = [Path(n.removeprefix("hf:")).expanduser() for n in (name, default)]
+    return all(f.is_dir() for f in folders) and folders[0].resolve() == folders[1].resolve()
+
+
+def _local_name(folder: Path) -> str:
+    """The registry name of the packaged model converted into ``folder`` (``smollm2-135m``), else the name of
+    a local model loaded from it, else the folder's path."""
+    from apexdsp.lm.engine import shared_engines
+    from apexdsp.lm.gguf_models import GGUF_MODELS, converted_dir
+
+    resolved = folder.resolve()
+    for name in GGUF_MODELS:
+        if converted_dir(name).resolve() == resolved:
+            return name
+    for engine in shared_engines():
+        if engine.model_dir.resolve() == resolved:
+            return engine.source
+    return str(resolved)
 
 
 def _detach_lms(state_file: Path) -> None:
@@ -229,11 +293,14 @@ def read_manifest(directory: str | os.PathLike[str], *, check_versions: bool = T
 
 
 def load_compiled(directory: str | os.PathLike[str], *, retriever: Any = None, program: dspy.Module | None = None,
-                  check_versions: bool = True) -> CompiledProgram:
+                  check_versions: bool = True, own_lms: bool = True) -> CompiledProgram:
     """Rebuild a compiled program: the registry program named in the manifest (or ``program``, a fresh
-    instance of a custom one), with the saved instructions and demos, and per-module weights if any.
+    instance of a custom one), with the saved instructions and demos, each predictor bound to its LM.
 
-    The caller configures the default LM (``manifest.lm`` is what it was compiled with).
+    The caller configures the default LM (``manifest.lm`` is what it was compiled with): the predictors that
+    ran on it run on the configured one. A predictor that ran on an LM of its own (``manifest.own_lms()``)
+    gets that LM again, and a trained one an LM over its weights folder. ``own_lms=False`` runs every
+    predictor without trained weights on the configured LM (how ``apexdsp evaluate --lm`` overrides them).
     """
     folder = Path(directory).expanduser()
     manifest = read_manifest(folder, check_versions=check_versions)
@@ -260,28 +327,51 @@ def load_compiled(directory: str | os.PathLike[str], *, retriever: Any = None, p
         program.load_state({k: v for k, v in state.items() if k != "metadata"})
     except (KeyError, TypeError, ValueError) as error:
         raise ApexError(f"{folder / STATE_FILE}: state does not fit {manifest.program} ({error})") from None
-    _bind_weights(program, manifest, folder)
+    _bind_lms(program, manifest, folder, own_lms)
     program._compiled = True
     return CompiledProgram(program, manifest, folder)
 
 
-def _bind_weights(program: dspy.Module, manifest: CompiledManifest, folder: Path) -> None:
-    """Predictors with their own weights folder (later stages) get their own local LM served from it, with
-    the sampling and engine settings of the local LM the caller configured (``max_tokens``, ``dtype``...), as
-    the compile gave the trained module those of the LM it was trained from."""
-    bound = {name: b for name, b in manifest.modules.items() if b.weights}
-    if not bound:
+def _bind_lms(program: dspy.Module, manifest: CompiledManifest, folder: Path, own_lms: bool) -> None:
+    """Give each predictor the LM the manifest names for it. A local LM is built with the engine settings
+    (``dtype``...) of the local LM the caller configured; a trained predictor gets its own local LM served from
+    its weights folder, with the sampling and engine settings of the LM its weights were trained from (the
+    configured one, or the predictor's own), as the compile gave the trained module those of that LM."""
+    bindings = {name: b for name, b in manifest.modules.items() if b.weights or (own_lms and b.lm != manifest.lm)}
+    if not bindings:
         return
     from apexdsp.lm.engine import LocalEngine
-    from apexdsp.lm.registry import get_lm
     from apexdsp.optimizers.trained_lm import lm_over
 
-    like = dspy.settings.lm if isinstance(getattr(dspy.settings.lm, "engine", None), LocalEngine) else None
+    configured = dspy.settings.lm if isinstance(getattr(dspy.settings.lm, "engine", None), LocalEngine) else None
     for name, predictor in program.named_predictors():
-        if name in bound:
-            weights = (folder / bound[name].weights).resolve()
-            predictor.lm = lm_over(weights, like) if like is not None else get_lm(str(weights))
+        binding = bindings.get(name)
+        if binding is None:
+            continue
+        if not binding.weights:
+            predictor.lm = _own_lm(folder, name, binding.lm, configured)
+            continue
+        like = configured
+        if own_lms and binding.lm != manifest.lm:  # trained from an LM of its own: that LM's settings
+            try:
+                like = _own_lm(folder, name, binding.lm, configured)
+            except ApexError:  # not on this machine: the weights are all the module needs
+                pass
+        weights = (folder / binding.weights).resolve()
+        predictor.lm = lm_over(weights, like) if like is not None else _own_lm(folder, name, str(weights), None)
+
+
+def _own_lm(directory: Path, name: str, model: str, like: Any) -> Any:
+    """The LM ``model`` for predictor ``name``, a local one with the engine settings of ``like``; an LM that
+    cannot be built is one line naming the predictor and the model."""
+    from apexdsp.lm.registry import get_lm, is_local
+
+    config = getattr(getattr(like, "engine", None), "config", None) if is_local(model) else None
+    try:
+        return get_lm(model, engine_config=config)
+    except ApexError as error:
+        raise ApexError(f"{directory}: module {name} runs on {model}, which cannot be loaded here ({error})") from None
 
 
 __all__ = ["CompiledManifest", "CompiledProgram", "DataRef", "IndexRef", "ModuleBinding", "examples_digest",
-           "index_ref", "load_compiled", "read_manifest", "save_compiled"]
+           "index_ref", "lm_name", "load_compiled", "read_manifest", "save_compiled"]

@@ -87,6 +87,25 @@ def test_saving_again_replaces_the_program_atomically(saved, retriever, monkeypa
     assert sorted(p.name for p in saved.parent.iterdir()) == ["compiled"]
 
 
+def test_a_save_clears_what_a_save_killed_between_its_two_renames_left(saved, retriever):
+    """Killed between moving the earlier program aside and the new one in, a save leaves ``.NAME.old-<pid>``
+    and ``.NAME.tmp-<pid>``; the next save clears both. A live process's staging folder is its own: kept."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    staging = saved.parent / f".compiled.tmp-{pid}"
+    staging.mkdir()
+    (staging / STATE_FILE).write_text("{half")
+    saved.rename(saved.parent / f".compiled.old-{pid}")
+    live = saved.parent / ".compiled.tmp-1"
+    live.mkdir()
+    program = apex_with_demos(retriever)
+    program.planner.write_plan.demos = []
+    save_compiled(program, saved, lm="smollm2-135m")
+    assert sorted(p.name for p in saved.parent.iterdir()) == [".compiled.tmp-1", "compiled"]
+    assert load_compiled(saved, retriever=retriever).program.planner.write_plan.demos == []
+
+
 def test_save_refuses_to_replace_a_directory_that_is_not_a_compiled_program(tmp_path, retriever):
     precious = tmp_path / "data"
     precious.mkdir()
