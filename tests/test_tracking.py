@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
 
 import matplotlib
 import mlflow
@@ -60,3 +66,30 @@ def test_write_json_atomic_replaces_whole_file(tmp_path):
     write_json_atomic({"n": 2}, target)
     assert json.loads(target.read_text()) == {"n": 2}
     assert [p.name for p in target.parent.iterdir()] == ["r.json"]
+
+
+
+def test_a_run_left_running_by_a_killed_process_is_ended_by_the_next_run_beside_it(isolated_mlflow):
+    """A real process opens a run and a nested one and is SIGKILLed inside them; the next top-level run of the
+    experiment ends both as KILLED. A live process's run, and a run an ``apexdsp run`` ledger resumes, stay."""
+    script = textwrap.dedent("""
+        import os, signal
+        from apexdsp.tracking import tracked_run
+        with tracked_run("orphans", run_name="killed") as run, tracked_run("orphans", nested=True) as child:
+            print(os.getpid(), run.run_id, child.run_id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    dead_pid, parent_id, child_id = killed.stdout.split()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("orphans").experiment_id
+    here = socket.gethostname()
+    live = client.create_run(experiment, tags={"apexdsp.host": here, "apexdsp.pid": str(os.getpid())})
+    ledger = client.create_run(experiment, tags={"apexdsp.host": here, "apexdsp.pid": dead_pid,
+                                                 "apexdsp.ledger": "a1b2"})
+    runs = (parent_id, child_id, live.info.run_id, ledger.info.run_id)
+    assert {client.get_run(r).info.status for r in runs} == {"RUNNING"}
+    with tracked_run("orphans", run_name="next") as run:
+        assert client.get_run(run.run_id).data.tags["apexdsp.pid"] == str(os.getpid())
+    assert [client.get_run(r).info.status for r in runs] == ["KILLED", "KILLED", "RUNNING", "RUNNING"]

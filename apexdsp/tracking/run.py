@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from apexdsp.tracking.orphans import end_orphaned_runs, owner_tags
 from apexdsp.tracking.provenance import data_file_params, git_commit, library_versions
 from apexdsp.tracking.store import ensure_experiment
 
@@ -169,6 +170,9 @@ def tracked_run(
 ) -> Iterator[TrackedRun]:
     """Start an MLflow run in ``experiment`` with provenance params; end it FAILED if the body raises.
 
+    The run records the host and process that opened it; a top-level run first ends as KILLED the runs of
+    its experiment that a killed process left RUNNING (:mod:`apexdsp.tracking.orphans`).
+
     ``data_files`` is ``{role: path}`` (or a list, roles ``data_0``...) and logs each path and its hash.
     A ``nested`` run opened while a run is active is its child and lives in the parent's experiment (the
     MLflow UI shows a run's children only within one experiment); ``experiment`` is for a top-level run.
@@ -180,11 +184,13 @@ def tracked_run(
 
     parent = mlflow.active_run() if nested else None
     experiment_id = parent.info.experiment_id if parent is not None else ensure_experiment(experiment)
+    if parent is None:  # a top-level run: first end those that killed processes left RUNNING beside it
+        end_orphaned_runs(experiment_id)
     if isinstance(data_files, list):
         data_files = {f"data_{i}": path for i, path in enumerate(data_files)}
     # ``tags`` are written with the run itself: a run never exists without them, even if the process dies
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
-                          tags={k: str(v) for k, v in (tags or {}).items()}) as active:
+                          tags={**owner_tags(), **{k: str(v) for k, v in (tags or {}).items()}}) as active:
         run = TrackedRun(active)
         run.set_tags({"git_commit": git_commit(), **{f"version.{k}": v for k, v in library_versions().items()}})
         all_params = dict(params or {})
