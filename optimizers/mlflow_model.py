@@ -10,7 +10,8 @@ the model's code is three lines that import :class:`CompiledProgramModel` from t
 defaults (:func:`apexdsp.paths.configure_environment`), builds the manifest's LM (``manifest.lm``: a registry
 name such as ``smollm2-135m``, a local model folder, or a LiteLLM model string), opens the index (the logged
 one, else the manifest's index path) for programs that search, and loads the registry program with its
-instructions, demos and trained module weights (:func:`apexdsp.optimizers.compiled.load_compiled`).
+instructions, demos, trained module weights and the predictors' own LMs
+(:func:`apexdsp.optimizers.compiled.load_compiled`).
 ``.predict(pd.DataFrame({"question": [...]}))`` (or a list of dicts with a ``question`` key; the class's
 own ``predict`` also takes a list of strings) returns a DataFrame with one string ``answer`` per question,
 answered one at a time, in order. The LM is set per call (``dspy.context``, with the DSPy cache off for

@@ -32,7 +32,9 @@ def evaluate(
     retriever: Annotated[str, typer.Option(help=(
         "What searches the index's passages: colbert, bm25, dense, or hybrid (ColBERT and BM25 fused by rank)."))
     ] = "colbert",
-    lm: Annotated[str, typer.Option(help="LM name (smollm2-135m, a local folder, or provider/model).")] = "smollm2-135m",
+    lm: Annotated[Optional[str], typer.Option(help=(
+        "LM name (smollm2-135m, a local folder, or provider/model) for every module without trained weights. "
+        "Default: smollm2-135m, or with --compiled the LMs the program was compiled with."))] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N questions.")] = None,
     threads: Annotated[int, typer.Option(min=1, help="Concurrent questions (the LM batches them).")] = 8,
     cache: Annotated[bool, typer.Option(help="Use DSPy's LM cache (off: timings are real).")] = False,
@@ -51,6 +53,7 @@ def evaluate(
     """Evaluate a program on a question file."""
     from apexdsp.cli.inputs import optional_retriever, program_options, require_questions
     from apexdsp.evaluation import evaluate_program
+    from apexdsp.lm.registry import DEFAULT_MODEL
     from apexdsp.paths import runs_dir
     from apexdsp.programs.registry import RETRIEVAL_FREE, build_program
     from apexdsp.runtime import configure_dspy
@@ -59,6 +62,7 @@ def evaluate(
     options = program_options(option)
     if compiled is not None and options:
         raise ApexError(f"--option with --compiled: {compiled} already fixes the program's options")
+    own_lms: dict[str, str] = {}  # the compiled program's predictors that run on an LM of their own
     if compiled is not None:
         from apexdsp.optimizers.compiled import read_manifest
 
@@ -66,6 +70,9 @@ def evaluate(
         program = manifest.program
         options = dict(manifest.program_options)
         index = index or (Path(manifest.index.path) if manifest.index else None)
+        own_lms = manifest.own_lms() if lm is None else {}
+        lm = lm or manifest.lm
+    lm = lm or DEFAULT_MODEL
     records = require_questions(questions, limit)
     from apexdsp.indexes.hybrid import SEARCHERS
 
@@ -83,7 +90,7 @@ def evaluate(
     if compiled is not None:
         from apexdsp.optimizers.compiled import load_compiled
 
-        qa = load_compiled(compiled, retriever=searcher).program
+        qa = load_compiled(compiled, retriever=searcher, own_lms=bool(own_lms)).program
     else:
         qa = build_program(program, retriever=searcher, **options)  # checks the name and that searching programs have an index
     configure_dspy(lm=lm, cache=cache)
@@ -99,14 +106,16 @@ def evaluate(
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     local = write_json_atomic(report.model_dump(), runs_dir() / f"evaluate-{program}-{stamp}.json")
-    summary = {"program": program, "lm": lm, **report.summary(), "results_file": str(local)}
+    summary = {"program": program, "lm": lm, **({"lm_modules": own_lms} if own_lms else {}), **report.summary(),
+               "results_file": str(local)}
     if track:
         from apexdsp.tracking.evaluation_log import log_evaluation
 
         params = {"program": program, "lm": lm, "index": str(index) if index else "", "retriever": retriever,
                   "limit": limit or "",
                   "threads": threads, "n": report.n, "cache": cache,
-                  "compiled": str(compiled or ""), "resumed_from": str(resume or "")}
+                  "compiled": str(compiled or ""), "resumed_from": str(resume or ""),
+                  **({"lm_modules": json.dumps(own_lms, sort_keys=True)} if own_lms else {})}
         summary["mlflow_run_id"] = log_evaluation(report, params, {"questions": questions},
                                                   run_name=f"{program}-{Path(questions).stem}-{report.n}")
     if as_json:
