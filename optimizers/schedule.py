@@ -147,6 +147,33 @@ class ProgressiveSchedule(FollowsDSPyAutolog, Teleprompter):
         self.experiment = experiment
         self.results: list[Any] = []
 
+    def get_params(self) -> dict[str, Any]:
+        """The settings as plain values (no retriever): each stage's kind, module, reward and config."""
+        from dataclasses import asdict
+
+        def plain(value: Any) -> Any:
+            if value is None or isinstance(value, (str, int, float, bool)):
+                return value
+            if isinstance(value, dict):
+                return {str(key): plain(item) for key, item in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [plain(item) for item in value]
+            return getattr(value, "name", None) or getattr(value, "__name__", None) or type(value).__name__
+
+        def reward(stage: Stage) -> Any:
+            if stage.kind != "grpo":
+                return None
+            try:
+                return plain(stage.resolved_reward())
+            except ApexError:  # no default for the module: check() names it before any work
+                return plain(stage.reward)
+
+        stages = [{"kind": stage.kind, "module": stage.module, "reward": reward(stage),
+                   "reward_options": plain(stage.reward_options), "name": stage.name,
+                   "grpo": plain(asdict(stage.grpo)) if stage.grpo is not None else None,
+                   "sft": plain(asdict(stage.sft)) if stage.sft is not None else None} for stage in self.stages]
+        return {"out_dir": str(self.out_dir), "experiment": self.experiment, "stages": stages}
+
     def check(self, program: dspy.Module) -> None:
         """Refuse, before any work, a stage whose module the program lacks, a reward that does not exist,
         or SFT from annotations that cannot be rebuilt (no such calls, no index)."""

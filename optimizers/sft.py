@@ -146,6 +146,13 @@ class ModuleSFT(FollowsDSPyAutolog, Teleprompter):
         self.report: dict[str, Any] = {}
         self._annotated: AnnotatedReport | None = None  # the drops by reason, when examples came from annotations
 
+    def get_params(self) -> dict[str, Any]:
+        """The settings as plain values (no retriever or metric object: the metric by its name)."""
+        metric = None if self.metric is None else getattr(self.metric, "__name__", type(self.metric).__name__)
+        return {"out_dir": str(self.out_dir), "modules": list(self.modules), "reward": self.reward,
+                "min_reward": self.min_reward, "metric": metric, "name": self.name, "experiment": self.experiment,
+                **{f"sft.{k}": list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}}
+
     def compile(self, student: dspy.Module, *, trainset: list[Any] | None = None, teacher: Any = None,
                 valset: Any = None, examples: list[SFTExample] | None = None) -> dspy.Module:
         """A copy of ``student`` whose chosen predictors call the fine-tuned LM."""
