@@ -14,7 +14,8 @@ valset=None, teacher=None)``, returning a new program (the student is never modi
 
 :func:`save_compiled` / :func:`load_compiled` write and read a compiled program (JSON state plus one
 safetensors folder per trained module); :func:`log_compiled_model` logs one as an MLflow pyfunc model
-(:class:`CompiledProgramModel`), which ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run.
+(:class:`CompiledProgramModel`), which ``mlflow.pyfunc.load_model`` (or :func:`load_compiled_model`, with
+one-line errors for a URI that names no such model) and ``mlflow models serve`` run.
 A plain ``dspy.Module`` of one's own compiles with the same names (docs/guide.md, "Your own DSPy program"):
 ``RewardBootstrap(metric=...)`` keeps the teacher's runs that a DSPy metric ``metric(example, prediction,
 trace)`` accepts; ``ModuleSFT(metric=...)`` with ``SFTStageConfig(source="traces")`` imitates them
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from apexdsp.optimizers.config import BootstrapConfig, DemoGates
     from apexdsp.optimizers.grpo import ModuleGRPO
     from apexdsp.optimizers.grpo_config import ModuleGRPOConfig
-    from apexdsp.optimizers.mlflow_model import CompiledProgramModel, log_compiled_model
+    from apexdsp.optimizers.mlflow_model import CompiledProgramModel, load_compiled_model, log_compiled_model
     from apexdsp.optimizers.schedule import ProgressiveSchedule, Stage, parse_stages
     from apexdsp.optimizers.sft import ModuleSFT, SFTStageConfig
 
@@ -55,6 +56,7 @@ _LAZY = {
     "load_compiled": "apexdsp.optimizers.compiled",
     "CompiledProgramModel": "apexdsp.optimizers.mlflow_model",
     "log_compiled_model": "apexdsp.optimizers.mlflow_model",
+    "load_compiled_model": "apexdsp.optimizers.mlflow_model",
 }
 
 __all__ = list(_LAZY)

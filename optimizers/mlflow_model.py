@@ -31,6 +31,10 @@ Serve a logged or registered model with its URI (``models:/m-...``, ``models:/NA
 
 The model's ``model_config`` may set ``dtype`` (``"auto"``, ``"bfloat16"`` or ``"float32"``) for a local
 LM's engine; ``float32`` gives the same greedy answers however the engine batches.
+
+:func:`load_compiled_model` is ``mlflow.pyfunc.load_model`` for these models, with a one-line
+:class:`~apexdsp.errors.ApexError` for a URI that names no model in the tracking store, or a model that is not
+a compiled apexdsp program, instead of MLflow's traceback; ``apexdsp ask --model URI`` uses it.
 """
 
 from __future__ import annotations
@@ -87,12 +91,16 @@ class CompiledProgramModel(mlflow.pyfunc.PythonModel):
         self.compiled = load_compiled(directory, retriever=retriever)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        answers = [str(self.answer(q).answer or "") for q in questions_of(model_input)]
+        return pd.DataFrame({"answer": answers}, dtype=object)
+
+    def answer(self, question: str) -> Any:
+        """The program's whole prediction for one question (its ``answer`` and, for apexdsp's programs, the
+        ``trajectory``), on the model's LM."""
         import dspy
 
-        questions = questions_of(model_input)
         with dspy.context(lm=self._lm, adapter=self._adapter):
-            answers = [str(self.compiled.program(question=q).answer or "") for q in questions]
-        return pd.DataFrame({"answer": answers}, dtype=object)
+            return self.compiled.program(question=question)
 
 
 def _build_lm(name: str, dtype: str | None) -> Any:
@@ -153,6 +161,35 @@ def requirements() -> list[str]:
     return found
 
 
+def load_compiled_model(model_uri: str, *, dtype: str | None = None) -> Any:
+    """``mlflow.pyfunc.load_model(model_uri)`` for a model logged by :func:`log_compiled_model` (``dtype``
+    overrides the one it was logged with). A URI that names no model in the tracking store, or a model that is
+    not a compiled apexdsp program, is one :class:`ApexError` line naming it, before anything is loaded."""
+    check_model_uri(model_uri)
+    if dtype is not None and dtype not in DTYPES:
+        raise ApexError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return mlflow.pyfunc.load_model(model_uri, model_config={"dtype": dtype} if dtype else None)
+
+
+def check_model_uri(model_uri: str) -> None:
+    """That ``model_uri`` names a compiled apexdsp program logged as an MLflow model; one line otherwise."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    try:
+        info = get_model_info(model_uri)
+    except (MlflowException, OSError) as error:
+        reason = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+        found = "not found" if getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" else "cannot be read"
+        raise ApexError(f"MLflow model {model_uri!r} {found} in the tracking store {mlflow.get_tracking_uri()} "
+                        f"({reason}); give the model_uri a compile printed, or a registered version such as "
+                        "models:/apexdsp-<program>/1 (`apexdsp ui` lists them), with MLFLOW_TRACKING_URI "
+                        "set to the store it was logged to") from None
+    if "apexdsp_program" not in (info.metadata or {}):
+        raise ApexError(f"MLflow model {model_uri!r} is not a compiled apexdsp program (log one with "
+                        "`apexdsp compile` or log_compiled_model)")
+
+
 def log_compiled_model(directory: str | os.PathLike[str], *, name: str = "program",
                        registered_model_name: str | None = None, include_index: bool = False,
                        dtype: str | None = None) -> str:
@@ -195,4 +232,4 @@ def log_compiled_model(directory: str | os.PathLike[str], *, name: str = "progra
     return info.model_uri
 
 
-__all__ = ["CompiledProgramModel", "log_compiled_model"]
+__all__ = ["CompiledProgramModel", "check_model_uri", "load_compiled_model", "log_compiled_model"]

@@ -210,3 +210,50 @@ def test_a_compile_from_the_command_line_is_one_run_with_its_stages_inside_and_a
 
     answers = mlflow.pyfunc.load_model(summary["model_uri"]).predict(pd.DataFrame({"question": ["Who directed Jaws?"]}))
     assert list(answers.columns) == ["answer"] and len(answers) == 1
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    """A model that is not a compiled apexdsp program."""
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+@pytest.mark.parametrize("uri", ["models:/apexdsp-nothing/1", "models:/m-0123456789abcdef0123456789abcdef",
+                                 "runs:/0123456789abcdef0123456789abcdef/program"])
+def test_a_model_uri_that_names_nothing_is_one_line_naming_it(uri, experiment):
+    from apexdsp.optimizers.mlflow_model import load_compiled_model
+
+    with pytest.raises(ApexError, match="not found in the tracking store") as error:
+        load_compiled_model(uri)
+    assert f"MLflow model {uri!r}" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_model_that_is_not_a_compiled_program_is_refused_before_loading(experiment):
+    from apexdsp.optimizers.mlflow_model import load_compiled_model
+
+    with mlflow.start_run(experiment_id=experiment):
+        uri = mlflow.pyfunc.log_model(name="echo", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+    with pytest.raises(ApexError, match="is not a compiled apexdsp program") as error:
+        load_compiled_model(uri)
+    assert "\n" not in str(error.value)
+
+
+def ask(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(BIN) / "apexdsp"), "ask", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_ask_answers_with_a_logged_model_and_names_a_missing_one_in_one_line(compiled, experiment, tiny_model_dir):
+    with mlflow.start_run(experiment_id=experiment):
+        uri = log_compiled_model(compiled, dtype="float32")
+    answered = ask("--model", uri, "--json", QUESTIONS[0])
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    assert json.loads(answered.stdout)["answer"] == answers_here(compiled, tiny_model_dir, QUESTIONS[:1])[0]
+
+    missing = ask("--model", "models:/apexdsp-nothing/3", QUESTIONS[0])
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error: MLflow model 'models:/apexdsp-nothing/3' not found")
+    assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
+
+    both = ask("--model", uri, "--program", "vanilla", QUESTIONS[0])
+    assert both.returncode == 2 and "--model with --program" in both.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,19 +26,37 @@ def register(app: typer.Typer) -> None:
 
 def ask(
     question: Annotated[str, typer.Argument(help="The question to answer.")],
-    program: Annotated[str, typer.Option(help="Program name: vanilla, rag, apex, opera, qagent.")] = "apex",
+    program: Annotated[Optional[str], typer.Option(
+        help="Program name: vanilla, rag, apex, opera, qagent (default apex).")] = None,
     index: Annotated[Optional[Path], typer.Option(help="Index directory (programs that search).")] = None,
-    lm: Annotated[str, typer.Option(help="LM name (smollm2-135m, a local folder, or provider/model).")] = (
-        "smollm2-135m"),
+    lm: Annotated[Optional[str], typer.Option(
+        help="LM name (smollm2-135m, a local folder, or provider/model; default smollm2-135m).")] = None,
     option: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Program option KEY=VALUE (e.g. --set max_steps=2); repeatable.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=(
+        "Ask a compiled program logged as an MLflow model instead: its URI (models:/apexdsp-apex/1, the "
+        "model_uri a compile printed, runs:/RUN/program), in MLFLOW_TRACKING_URI or the project's store. "
+        "The model brings its program, LMs and index."))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print answer and trajectory as JSON.")] = False,
 ) -> None:
     """Answer one question and print the trajectory: plan, sub-goals, searches, reflections, answer."""
+    if model is not None:
+        prediction = ask_model(model, question, program=program, index=index, lm=lm, option=option)
+    else:
+        prediction = ask_program(question, program=program or "apex", index=index, lm=lm or "smollm2-135m",
+                                 options=parse_options(option or []))
+    trajectory: Trajectory = prediction.trajectory
+    if as_json:
+        print(json.dumps({"answer": prediction.answer, "trajectory": trajectory.model_dump()}, ensure_ascii=False))
+        return
+    console.print(trajectory_tree(trajectory))
+
+
+def ask_program(question: str, *, program: str, index: Path | None, lm: str, options: dict[str, object]):
+    """A registry program's prediction for ``question``, on ``lm``."""
     from apexdsp.programs.registry import PROGRAMS, RETRIEVAL_FREE, build_program
     from apexdsp.runtime import configure_dspy
 
-    options = parse_options(option or [])
     if program not in PROGRAMS:
         raise ApexError(f"unknown program {program!r}; known: {', '.join(sorted(PROGRAMS))}")
     if program not in RETRIEVAL_FREE and index is None:
@@ -48,12 +68,22 @@ def ask(
 
         retriever = load_retriever(index)
     qa = build_program(program, retriever=retriever, **options)
-    prediction = qa(question=question)
-    trajectory: Trajectory = prediction.trajectory
-    if as_json:
-        print(json.dumps({"answer": prediction.answer, "trajectory": trajectory.model_dump()}, ensure_ascii=False))
-        return
-    console.print(trajectory_tree(trajectory))
+    return qa(question=question)
+
+
+def ask_model(uri: str, question: str, **fixed: object):
+    """The prediction of the compiled program logged as MLflow model ``uri``; the options the model fixes
+    (``fixed``: program, index, LM, --set) must be left out."""
+    given = [f"--{'set' if name == 'option' else name}" for name, value in fixed.items() if value]
+    if given:
+        raise ApexError(f"--model with {', '.join(given)}: the model brings its program, LMs and index; "
+                        "leave them out")
+    from apexdsp.optimizers.mlflow_model import load_compiled_model
+    from apexdsp.tracking.store import configure_tracking
+
+    configure_tracking()
+    with contextlib.redirect_stdout(sys.stderr):  # MLflow's download bars: --json output stays one clean line
+        return load_compiled_model(uri).unwrap_python_model().answer(question)
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
