@@ -132,7 +132,8 @@ def evaluate(compiled: Path, questions: Path, *extra: str) -> dict:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    summary["predictions"] = [row["prediction"] for row in json.loads(Path(summary["results_file"]).read_text())["results"]]
+    results = json.loads(Path(summary["results_file"]).read_text())["results"]
+    summary["predictions"] = [row["prediction"] for row in results]
     return summary
 
 
