@@ -14,7 +14,9 @@ logged as which child run of which parent run, per tracking store. So:
 * a lock file keeps two processes from running the same experiment at once, and a lock per step makes an
   experiment wait while another computes a step they share (the encoder and index of a data set);
 * a step's ``seconds`` (and a compile's ``compile_seconds``) are its active time over every attempt,
-  pauses left out (:class:`~apexdsp.experiments.step_clock.StepClock`).
+  pauses left out (:class:`~apexdsp.experiments.step_clock.StepClock`);
+* a compile step's program is also logged as an MLflow model, registered as ``apexdsp-<program>``
+  (:mod:`~apexdsp.experiments.step_logging`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from rich.console import Console
 from apexdsp.errors import ApexError
 from apexdsp.experiments.spec import ExperimentSpec
 from apexdsp.experiments.step_clock import StepClock
+from apexdsp.experiments.step_logging import metric_name
 from apexdsp.experiments.steps import RESULT_FILE, RunContext, Step, plan_steps
 from apexdsp.locks import held_lock
 from apexdsp.tracking.run import write_json_atomic
@@ -139,11 +141,6 @@ def end_interrupted_runs(ledger: Ledger) -> list[str]:
         ended.append(run_id)
         found += running(f"tags.`mlflow.parentRunId` = '{run_id}'")
     return ended
-
-
-def metric_name(text: str) -> str:
-    """MLflow metric keys allow letters, digits, ``_ - . / :`` and spaces."""
-    return re.sub(r"[^\w\-./: ]", "_", text)
 
 
 class ExperimentRunner:
@@ -358,24 +355,11 @@ class ExperimentRunner:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _log_result(self, step: Step) -> None:
-        """Params, figures, curves and artifacts of a finished step, into the active child run."""
-        import mlflow
+        """Params, figures, curves and artifacts of a finished step, into the active child run, and a compile
+        step's program as an MLflow model."""
+        from apexdsp.experiments.step_logging import log_step_result
 
-        from apexdsp.tracking.run import TrackedRun
-
-        result = self.result(step)
-        run = TrackedRun(mlflow.active_run())
-        run.log_params({**result["params"], "step_key": step.key, "step_seconds": round(result["seconds"], 2)})
-        run.log_metrics({metric_name(k): v for k, v in result["metrics"].items()})
-        for name, points in result.get("history", {}).items():
-            for index, value in points:
-                run.log_metrics({metric_name(name): value}, step=int(index))
-        work_dir = self.context.step_dir(step)
-        for artifact in result["artifacts"]:
-            path = work_dir / artifact
-            if path.exists():
-                run.log_artifact(path, artifact_path=artifact if path.is_dir() else None)
-        run.log_artifact(work_dir / RESULT_FILE)
+        log_step_result(step.kind, step.label, step.key, self.result(step), self.context.step_dir(step), self.console)
 
     def _log_parent_summary(self, reports: list[StepReport]) -> None:
         """Each evaluation's figures on the parent too (``em/bootstrap``), for comparing experiments."""

@@ -319,3 +319,72 @@ def test_an_sft_stage_with_tracking_off_trains_the_reader_on_annotated_calls(tmp
     manifest = json.loads((cache / trained.key / "program" / "apexdsp-compiled.json").read_text())
     assert {name: b["weights"] for name, b in manifest["modules"].items() if b.get("weights")} == {
         "reader.generate": "weights/reader.generate"}
+
+
+VANILLA_SPEC = """
+name = "tiny-vanilla"
+experiment = "tiny-models"
+
+[data]
+train = {{ file = "questions.jsonl", offset = 2, limit = 2 }}
+test = {{ file = "questions.jsonl", limit = 2 }}
+
+[program]
+name = "vanilla"
+[program.options]
+max_tokens = 6
+
+[lm]
+default = "{model}"
+
+[[optimizer.stages]]
+kind = "labeled"
+settings = {{ k = 2 }}
+
+[evaluation]
+metrics = ["em", "f1"]
+threads = 2
+"""
+
+
+def test_a_compile_step_logs_its_program_as_a_registered_mlflow_model(tmp_path, data_dir, tiny_model_dir):
+    """As ``apexdsp compile`` does: the step's run holds the model, registered as apexdsp-<program>, and the
+    model answers as the step's program does; a program over a BM25 index built in memory says why it has none."""
+    import dspy
+    import pandas as pd
+
+    from apexdsp.experiments.step_logging import NOT_A_MODEL
+    from apexdsp.lm.adapter import TolerantChatAdapter
+    from apexdsp.lm.registry import get_lm
+    from apexdsp.optimizers.compiled import load_compiled
+    from apexdsp.optimizers.mlflow_model import load_compiled_model
+
+    rag = write_tiny_experiment(tmp_path / "spec", data_dir, name="tiny-rag-model", experiment="tiny-models",
+                                extra=f'\n[lm]\ndefault = "{tiny_model_dir}"\n')
+    vanilla = rag.parent / "tiny-vanilla.toml"
+    vanilla.write_text(VANILLA_SPEC.format(model=tiny_model_dir))
+    cache = tmp_path / "cache"
+    summary = runner_for(vanilla, cache).run()
+    compiled = next(step for step in summary.steps if step.kind == "compile")
+    run = mlflow.get_run(compiled.run_id)
+    uri = run.data.tags["apexdsp.model_uri"]
+    assert mlflow.get_logged_model(uri.removeprefix("models:/")).source_run_id == compiled.run_id
+    client = mlflow.MlflowClient()
+    assert [(str(v.version), v.source) for v in client.search_model_versions("name='apexdsp-vanilla'")] == [("1", uri)]
+
+    model = load_compiled_model(uri)
+    assert len(model.unwrap_python_model().compiled.program.generate_answer.demos) == 2  # the stage's demos
+    asked = ["Who directed Jaws?", "Is Paris the capital of France?"]
+    answered = model.predict(pd.DataFrame({"question": asked}))["answer"].tolist()
+    program = load_compiled(cache / compiled.key / "program").program
+    with dspy.context(lm=get_lm(str(tiny_model_dir), cache=False), adapter=TolerantChatAdapter()):
+        assert answered == [str(program(question=q).answer or "") for q in asked]
+
+    assert {s.status for s in runner_for(vanilla, cache).run().steps} == {"cached"}  # logged once
+    assert len(client.search_model_versions("name='apexdsp-vanilla'")) == 1
+
+    searched = runner_for(rag, cache).run()
+    compiled = next(step for step in searched.steps if step.kind == "compile")
+    run = mlflow.get_run(compiled.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["apexdsp.model"] == NOT_A_MODEL
+    assert "apexdsp.model_uri" not in run.data.tags and not client.search_registered_models("name='apexdsp-rag'")
