@@ -69,6 +69,23 @@ def extension_build_lock(extensions_dir: str | os.PathLike[str]) -> Iterator[lis
         yield stale
 
 
+@contextlib.contextmanager
+def project_ninja() -> Iterator[None]:
+    """Put the environment's own ``bin`` (the ``ninja`` pinned with the project) first on ``PATH`` while torch
+    builds. torch runs the first ``ninja`` on ``PATH``, and ninja versions hash the commands in their build
+    log differently: a process started without the environment on ``PATH`` (the system's ninja) and one
+    started with it each took the other's build for a stale one and compiled every extension again."""
+    previous = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), previous]))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = previous
+
+
 def load_extensions(verbose: bool = False) -> dict[str, float]:
     """Load colbert-ai's CPU extensions into this process (compiling what is missing) under the build lock;
     returns seconds per step.
@@ -84,7 +101,7 @@ def load_extensions(verbose: bool = False) -> dict[str, float]:
             logger.warning("removed %d stale torch extension lock(s) left by a killed build: %s", len(stale),
                            ", ".join(baton.parent.name for baton in stale))
         # colbert announces each load with a print: to stderr, so that a command's --json stdout stays JSON
-        with contextlib.redirect_stdout(sys.stdout if verbose else sys.stderr):
+        with contextlib.redirect_stdout(sys.stdout if verbose else sys.stderr), project_ninja():
             for name, load in _loaders():
                 timings[name] = _timed_load(name, load, verbose)
     return timings

@@ -47,3 +47,19 @@ def test_a_holder_killed_mid_build_does_not_block_the_next_process(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_extensions_are_built_with_the_environments_own_ninja(monkeypatch):
+    """The system's ninja first on PATH (a shell without the environment activated) gives way to the
+    environment's while torch builds: one ninja for every process, so none takes another's build for stale."""
+    import shutil
+    from pathlib import Path
+
+    from apexdsp.indexes.extensions import project_ninja
+
+    own = Path(sys.executable).parent / "ninja"
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", os.environ.get("PATH", "")]))
+    before = os.environ["PATH"]
+    with project_ninja():
+        assert shutil.which("ninja") == str(own)
+    assert os.environ["PATH"] == before
