@@ -110,3 +110,14 @@ def engine_prompts(monkeypatch):
 
     monkeypatch.setattr(LocalEngine, "prompt_ids", recording)
     return sent
+
+
+@pytest.fixture(scope="session")
+def kill_table(tmp_path_factory):
+    """The kill-and-rerun tests' table (kill_harness.KillTable), printed and written once the session ends."""
+    from kill_harness import TABLE
+
+    yield TABLE
+    if TABLE.outcomes:
+        paths = TABLE.write_all(tmp_path_factory.getbasetemp())
+        print(f"\n{TABLE.render()}\n(written to {', '.join(map(str, paths))})")

@@ -63,13 +63,14 @@ class KillPoint:
 @dataclass
 class Killed:
     """What a kill attempt did: ``killed`` false means the command exited (``returncode``) before the point;
-    ``temps``: the unfinished writes it left (what the rerun must clean up)."""
+    ``temps``: the unfinished writes it left (what the rerun must clean up); ``pid``: the command's."""
 
     point: str
     killed: bool
     at_s: float
     returncode: int | None = None
     temps: list[str] = field(default_factory=list)
+    pid: int = 0
 
 
 @dataclass
@@ -143,11 +144,11 @@ def run_and_kill(argv: list[str], env: dict[str, str], point: KillPoint, logs: P
         elapsed = time.monotonic() - started
         code = process.poll()
         if code is not None:
-            return Killed(point.label, False, elapsed, code)
+            return Killed(point.label, False, elapsed, code, pid=process.pid)
         due = point.delay is not None and elapsed >= point.delay
         if due or (point.reached is not None and point.reached()) or elapsed > timeout:
             kill_group(process)
-            return Killed(point.label, True, elapsed, temps=leftover_temps(logs))
+            return Killed(point.label, True, elapsed, temps=leftover_temps(logs), pid=process.pid)
         time.sleep(POLL_S)
 
 
@@ -207,10 +208,12 @@ def broken_json(root: Path) -> list[str]:
 
 def is_temporary(relative: Path) -> bool:
     """Whether some part of ``relative`` is named as an unfinished write: ``.x.json.abc.tmp``, ``.out.tmp-12``,
-    ``tmp-checkpoint-3``, or a hidden staging folder in ``weights/`` (``weights/.reader.generate-k2x``)."""
+    ``tmp-checkpoint-3``, a hidden staging folder in ``weights/`` (``weights/.reader.generate-k2x``), or a
+    folder built or set aside beside its target by a process (``index.tmp-123``, ``index.old-123``)."""
     parts = relative.parts
     return any((part.startswith(".") and any(marker in part for marker in TEMP_MARKERS))
                or part.startswith("tmp-checkpoint-") or (part.startswith(".") and i and parts[i - 1] == "weights")
+               or re.search(r"\.(tmp|old)-\d+$", part) is not None
                for i, part in enumerate(parts))
 
 

@@ -13,67 +13,18 @@ the same run after run (the CLI offers no dtype switch: on a CPU with bfloat16 i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from experiment_fixtures import SFT_STAGE, write_tiny_experiment
-from kill_harness import (APEXDSP, TABLE, Finished, KillPoint, Outcome, aged_point, broken_json, check_states,
-                          command_env, compiled_program, delay_points, error_line, jsonl_rows, leftover_temps, parses,
-                          path_point, resumed_without_training, run_and_kill, run_to_end, running_runs, same_program,
-                          step_results, step_runs)
+from kill_checks import Baseline, check, env_for, record
+from kill_harness import (APEXDSP, Finished, KillPoint, Outcome, aged_point, broken_json, check_states,
+                          compiled_program, delay_points, jsonl_rows, parses, path_point, resumed_without_training,
+                          run_and_kill, run_to_end, running_runs, same_program, step_results, step_runs)
 
 pytestmark = pytest.mark.slow
 QUESTIONS = 12
-
-
-@dataclass
-class Baseline:
-    """An uninterrupted run: what a rerun must equal, and how long it took (the range of random kills)."""
-
-    value: dict
-    seconds: float
-
-
-@pytest.fixture(scope="session")
-def kill_table(tmp_path_factory):
-    yield TABLE
-    if TABLE.outcomes:
-        paths = TABLE.write_all(tmp_path_factory.getbasetemp())
-        print(f"\n{TABLE.render()}\n(written to {', '.join(map(str, paths))})")
-
-
-def env_for(folder: Path, **extra: str) -> dict[str, str]:
-    return command_env(APEXDSP_RUNS=str(folder / "runs"), MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
-                       **extra)
-
-
-def record(command: str, point: str, killed, rerun: Finished, equal: bool, lost: int, running: list[str],
-           root: Path, notes: list[str], state: str = "") -> Outcome:
-    """Add one kill to the table."""
-    if rerun.returncode != 0:
-        notes = notes + [f"rerun exited {rerun.returncode}: {error_line(rerun.stderr)[:300]}"]
-    if not killed.killed:
-        notes = notes + [f"exited {killed.returncode} before the kill point"]
-    if killed.temps:
-        state = "; ".join(filter(None, [state, f"the kill left {', '.join(killed.temps)}"]))
-    where = f"{point} (at {killed.at_s:.1f}s" + (f"; {state})" if state else ")")
-    return TABLE.add(Outcome(command, where, killed.killed, rerun.returncode == 0, equal, lost, len(running),
-                             leftover_temps(root), notes + running, round(rerun.seconds, 1)))
-
-
-def check(outcome: Outcome, drawn: bool = False) -> None:
-    """Assert the kill happened and lost nothing: the rerun finished with what an uninterrupted run gives,
-    left no temporary file and no MLflow run RUNNING. A delay ``drawn`` past the command's end is skipped."""
-    if drawn and not outcome.killed:
-        pytest.skip(f"the command finished before the drawn delay: {outcome}")
-    assert outcome.killed, outcome
-    assert outcome.rerun_finished, outcome
-    assert outcome.files_lost == 0, outcome
-    assert outcome.equal, outcome
-    assert outcome.running_left == 0, outcome
-    assert not outcome.temps_left, outcome
 
 
 # -- apexdsp evaluate --resume ---------------------------------------------------------------------------------
