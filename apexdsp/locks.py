@@ -36,3 +36,17 @@ def held_lock(path: str | os.PathLike[str], on_busy: Callable[[str], None] | Non
         handle.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
         handle.flush()
         yield path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one of another user counts as alive; a pid this host
+    cannot check, 0 or below, counts as alive so that what it left is left alone)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

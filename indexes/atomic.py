@@ -13,15 +13,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from apexdsp.locks import process_alive
 
 
 def remove_abandoned(target: Path, hidden: bool = False) -> list[Path]:
@@ -32,7 +24,7 @@ def remove_abandoned(target: Path, hidden: bool = False) -> list[Path]:
     for kind in ("tmp", "old"):
         for leftover in target.parent.glob(f"{'.' if hidden else ''}{target.name}.{kind}-*"):
             suffix = leftover.name.rsplit("-", 1)[-1]
-            if not (suffix.isdigit() and leftover.is_dir()) or _alive(int(suffix)):
+            if not (suffix.isdigit() and leftover.is_dir()) or process_alive(int(suffix)):
                 continue
             if kind == "old" and not target.exists():
                 os.replace(leftover, target)  # died between moving the old one aside and the new one in

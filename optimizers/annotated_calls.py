@@ -97,15 +97,15 @@ def _reader_passages(program: Any, reader: PassageReader, question: Question, re
 
 
 def _one_step_inputs(program: Any, step: AnswerStep, question: Question, retriever: Any,
-                     sub_answer: Callable[[list[Any]], str]) -> tuple[dict[str, str], str]:
+                     sub_answer: Callable[[list[Any]], str]) -> dict[str, str]:
     """The answer step's ``findings`` and ``passages`` after a one-step plan (the question itself, searched
-    as it is), the finding's answer chosen by ``sub_answer(hits)``; also the passages' text alone."""
+    as it is), the finding's answer chosen by ``sub_answer(hits)``."""
     config = getattr(program, "config", None)
     hits = _search(retriever, [question.question], getattr(config, "k", 5))[0]
     passages = format_passages(fuse([hits], getattr(config, "answer_passages", 5)), step.passage_chars)
     record = SubGoalRecord(step=1, question=question.question, filled=question.question,
                            answer=sub_answer(hits), answered=True)
-    return {"findings": findings_text([record]), "passages": passages}, passages
+    return {"findings": findings_text([record]), "passages": passages}
 
 
 def _top_title(hits: list[Any]) -> str:
@@ -124,7 +124,7 @@ def _evidence(program: Any, owner: Any, question: Question, retriever: Any) -> d
     """The evidence fields a typed predictor of ``owner`` reads: the reader's passages, or the answer step's
     one-step findings and passages."""
     if isinstance(owner, AnswerStep):
-        return _one_step_inputs(program, owner, question, retriever, _top_title)[0]
+        return _one_step_inputs(program, owner, question, retriever, _top_title)
     return {"passages": _reader_passages(program, owner, question, retriever)}
 
 
@@ -188,8 +188,9 @@ def _answer_step_calls(program: Any, step: AnswerStep, question: Question, retri
         return [], "closed form (typed predictors)"
     steps = filled_steps(question)
     if not steps:  # a one-step plan: the finding is the gold answer, read from the passages shown
-        inputs, passages = _one_step_inputs(program, step, question, retriever, lambda hits: question.answer)
-        return [_Call({"question": question.question, **inputs}, {"answer": question.answer}, passages)], None
+        inputs = _one_step_inputs(program, step, question, retriever, lambda hits: question.answer)
+        return [_Call({"question": question.question, **inputs}, {"answer": question.answer},
+                      inputs["passages"])], None
     config = getattr(program, "config", None)
     found = _search(retriever, [sub for sub, _ in steps], getattr(config, "k", 5))
     passages = format_passages(fuse(found, getattr(config, "answer_passages", 5)), step.passage_chars)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import socket
 
+from apexdsp.locks import process_alive
+
 HOST_TAG = "apexdsp.host"
 PID_TAG = "apexdsp.pid"
 LEDGER_TAG = "apexdsp.ledger"
@@ -24,19 +26,6 @@ LEDGER_TAG = "apexdsp.ledger"
 def owner_tags() -> dict[str, str]:
     """The tags that say which process opened a run."""
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (one of another user counts as alive)."""
-    if pid <= 0:
-        return True  # not a process this host can check: left alone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def end_orphaned_runs(experiment_id: str) -> list[str]:
