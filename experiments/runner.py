@@ -266,6 +266,8 @@ class ExperimentRunner:
                                   "lm": spec.lm.default, "test": spec.data.test.describe(),
                                   "stages": "+".join(stage.label for stage in spec.optimizer.stages) or "none",
                                   "index": spec.index.kind if spec.index else "none", "seed": spec.seed}
+        if spec.index is not None and spec.index.kind == "colbert":
+            params["retriever"] = spec.index.retriever
         if spec.data.train is not None:
             params["train"] = spec.data.train.describe()
         return params

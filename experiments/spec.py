@@ -127,7 +127,8 @@ class EncoderSpec(_Strict):
     negatives_per_query: int = Field(2, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, le=1)
     heldout_questions: int = Field(64, ge=1)
-    heldout_random_passages: int = Field(0, ge=0, description="random corpus passages in the held-out pool")
+    heldout_random_passages: int = Field(0, ge=0, description="random passages of each corpus in the held-out pool")
+    self_supervised_per_corpus: int = Field(0, ge=0, description="title / sentence -> passage pairs from each corpus")
     eval_every: int = Field(0, ge=0, description="rank the held-out pool every N steps, keep the best (0: last)")
     distill_weight: float = Field(0.0, ge=0, description="KL towards the BM25 + dense teacher (0: off)")
     teacher_bm25_weight: float = Field(1.0, ge=0)
@@ -161,6 +162,8 @@ class IndexSpec(_Strict):
     """Where programs search: a ColBERT index built here or reused, or BM25 built in memory (seconds)."""
 
     kind: Literal["colbert", "bm25"] = "colbert"
+    retriever: Literal["colbert", "bm25", "dense", "hybrid"] = Field(
+        "colbert", description="what searches a colbert index's passages (hybrid: ColBERT and BM25 fused by rank)")
     reuse: Path | None = Field(None, description="an existing index folder (colbert)")
     corpus: Path | None = None
     encoder: EncoderSpec | None = None
@@ -177,6 +180,8 @@ class IndexSpec(_Strict):
         if self.kind == "bm25":
             if self.corpus is None or self.reuse is not None or self.encoder is not None:
                 raise ValueError("kind 'bm25' takes 'corpus' only")
+            if self.retriever != "colbert":
+                raise ValueError("'retriever' chooses what searches a colbert index; kind 'bm25' is BM25 already")
         elif self.reuse is not None:
             if self.corpus is not None or self.encoder is not None:
                 raise ValueError("'reuse' names a built index: leave out 'corpus' and 'encoder'")

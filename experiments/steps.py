@@ -98,9 +98,9 @@ class RunContext:
 
             self._retriever = BM25Retriever(load_corpus(index.corpus))
         else:
-            from apexdsp.indexes import load_retriever
+            from apexdsp.indexes import open_retriever
 
-            self._retriever = load_retriever(index.reuse or self.index_dir)
+            self._retriever = open_retriever(index.reuse or self.index_dir, index.retriever)
         return self._retriever
 
     def configure_lm(self) -> None:
@@ -238,9 +238,10 @@ def index_identity(spec: ExperimentSpec, index_step: IndexStep | None) -> dict[s
         return None
     if index.kind == "bm25":
         return {"kind": "bm25", "corpus": file_hash(index.corpus)}
+    searcher = {} if index.retriever == "colbert" else {"retriever": index.retriever}  # keys of colbert unchanged
     if index.reuse is not None:
-        return {"kind": "colbert", "manifest": file_hash(index.reuse / "apexdsp-index.json")}
-    return {"kind": "colbert", "step": index_step.key}
+        return {"kind": "colbert", "manifest": file_hash(index.reuse / "apexdsp-index.json"), **searcher}
+    return {"kind": "colbert", "step": index_step.key, **searcher}
 
 
 class CompileStep(Step):

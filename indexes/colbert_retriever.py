@@ -47,7 +47,10 @@ class ColBERTRetriever(CorpusRetriever):
     name = "colbert"
 
     def __init__(self, index_dir: str | os.PathLike[str], encoder: str | os.PathLike[str] | None = None,
-                 corpus: str | os.PathLike[str] | None = None, verbose: int = 0):
+                 corpus: str | os.PathLike[str] | None = None, verbose: int = 0, settings: dict | None = None):
+        #: PLAID candidate-generation settings (``ncells``, ``centroid_score_threshold``, ``ndocs``) used
+        #: for every search; ``None``: :func:`search_settings` of the depth asked for.
+        self.settings = settings
         self.index_dir = Path(index_dir).expanduser().resolve()
         self.manifest = IndexManifest.read(index_dir)
         encoder_dir = self.manifest.check_encoder(index_dir, encoder)
@@ -99,7 +102,7 @@ class ColBERTRetriever(CorpusRetriever):
         with self._lock, torch.inference_mode():  # one query batch at a time: see encode()
             self._warn_if_truncated(queries)
             embeddings = self._searcher.encode(queries)
-            self._searcher.configure(**search_settings(k))
+            self._searcher.configure(**(self.settings or search_settings(k)))
             results = []
             for row in range(len(queries)):
                 pids, _, scores = self._searcher.dense_search(embeddings[row:row + 1], k=k)

@@ -25,6 +25,7 @@ from apexdsp.errors import ApexError, ModelNotAvailable
 WEIGHTS_FILE = "model.safetensors"
 COLBERT_METADATA = "artifact.metadata"
 TRAINING_RECORD = "apexdsp-encoder.json"
+RECORD_FORMAT = 2  # of TRAINING_RECORD: 2 adds the held-out question ids per training file
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,22 @@ def check_encoder_dir(path: str | os.PathLike[str]) -> Path:
             f"encoder {path} is not a ColBERT checkpoint (missing {', '.join(missing)}): "
             "train one with `apexdsp index train-encoder`"
         )
+    import json
+
+    for name in (COLBERT_METADATA, "config.json", TRAINING_RECORD):
+        if not (folder / name).is_file():
+            continue
+        try:
+            content = json.loads((folder / name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            where = f" line {error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
+            raise ApexError(f"encoder {path}: {name}{where} is not valid JSON; train the encoder again") from None
+        if name == "config.json" and content.get("model_type") != "bert":
+            raise ApexError(f"encoder {path}: config.json has model_type {content.get('model_type')!r}, not a BERT "
+                            "encoder; give a folder written by `apexdsp index train-encoder`")
+        if name == TRAINING_RECORD and content.get("format", 1) > RECORD_FORMAT:
+            raise ApexError(f"encoder {path}: {TRAINING_RECORD} has format {content['format']}, newer than this "
+                            f"apexdsp reads ({RECORD_FORMAT}); upgrade apexdsp")
     return folder
 
 

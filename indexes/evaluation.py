@@ -119,8 +119,13 @@ class RetrievalReport:
 
 def evaluate_retrieval(index_dir: str | os.PathLike[str], questions_path: str | os.PathLike[str],
                        ks: tuple[int, ...] = DEFAULT_KS, limit: int | None = None, baselines: bool = True,
-                       track: bool = True, progress: bool = True, threads: int = 2) -> RetrievalReport:
-    """Evaluate the index (and the baselines over its corpus) on a question file; log it to MLflow."""
+                       track: bool = True, progress: bool = True, threads: int = 2,
+                       heldout_of: str | os.PathLike[str] | None = None) -> RetrievalReport:
+    """Evaluate the index (and the baselines over its corpus) on a question file; log it to MLflow.
+
+    ``heldout_of`` (an encoder folder) keeps only the questions that encoder held out of its training
+    (the question file must be one of its training files): an evaluation on questions it never saw.
+    """
     from apexdsp.paths import cache_dir, configure_environment
 
     configure_environment()
@@ -136,8 +141,11 @@ def evaluate_retrieval(index_dir: str | os.PathLike[str], questions_path: str | 
     if not ks or any(k < 1 for k in ks):
         raise ApexError(f"k values must be positive integers, got {list(ks)}")
     ks = tuple(sorted(set(ks)))
+    keep = heldout_ids(heldout_of, questions_path) if heldout_of is not None else None
     manifest = IndexManifest.read(index_dir)
     questions = read_questions(questions_path, limit=limit)
+    if keep is not None:
+        questions = [q for q in questions if q.id in keep]
     if not questions:
         raise ApexError(f"{os.fspath(questions_path)}: no questions")
     usable = [q for q in questions if q.supporting_titles]
@@ -173,6 +181,35 @@ def evaluate_retrieval(index_dir: str | os.PathLike[str], questions_path: str | 
     if track:
         _log(report, index_dir, questions_path, manifest.corpus_path)
     return report
+
+
+def heldout_ids(encoder_dir: str | os.PathLike[str], questions_path: str | os.PathLike[str]) -> set[str]:
+    """The ids of the questions of ``questions_path`` that the encoder at ``encoder_dir`` held out of training
+    (matched by the file's hash, so the file may have moved)."""
+    import json
+
+    from apexdsp.data.loaders import file_sha256
+    from apexdsp.indexes.encoder import TRAINING_RECORD
+
+    record_path = Path(encoder_dir) / TRAINING_RECORD
+    if not record_path.is_file():
+        raise ApexError(f"--heldout-of {os.fspath(encoder_dir)}: no {TRAINING_RECORD} there; give an encoder "
+                        "folder written by `apexdsp index train-encoder`")
+    record = json.loads(record_path.read_text())
+    if "heldout_ids" not in record:
+        raise ApexError(f"--heldout-of {os.fspath(encoder_dir)}: the encoder does not record which questions it "
+                        "held out (trained by an earlier version); train it again")
+    if not Path(questions_path).is_file():
+        raise ApexError(f"questions {os.fspath(questions_path)} not found")
+    wanted = file_sha256(questions_path)
+    by_path = {entry["path"]: entry["sha256"] for role, entry in record.get("data", {}).items()
+               if role.startswith("train_")}
+    for source, ids in record["heldout_ids"].items():
+        if by_path.get(source) == wanted:
+            return set(ids)
+    trained = ", ".join(Path(path).parent.name + "/" + Path(path).name for path in by_path) or "none"
+    raise ApexError(f"--heldout-of {os.fspath(encoder_dir)}: {os.fspath(questions_path)} is not one of its "
+                    f"training files (it held out questions of: {trained})")
 
 
 def _log(report: RetrievalReport, index_dir, questions_path, corpus_path) -> None:

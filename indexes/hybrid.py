@@ -16,6 +16,20 @@ from apexdsp.indexes.base import Retriever, SearchHit
 from apexdsp.indexes.retriever_base import check_k, check_queries
 
 
+def fuse_rankings(rankings: Sequence[list[SearchHit]], weights: Sequence[float], k: int,
+                  rrf_k: int = 60) -> list[SearchHit]:
+    """The top ``k`` of several rankings of one query by weighted reciprocal rank fusion."""
+    scores: dict[str, float] = {}
+    first: dict[str, SearchHit] = {}
+    for weight, hits in zip(weights, rankings, strict=True):
+        for rank, hit in enumerate(hits, start=1):
+            scores[hit.pid] = scores.get(hit.pid, 0.0) + weight / (rrf_k + rank)
+            first.setdefault(hit.pid, hit)
+    ranked = sorted(scores, key=lambda pid: -scores[pid])[:k]  # stable: ties keep first-seen order
+    return [first[pid].model_copy(update={"score": scores[pid], "rank": rank})
+            for rank, pid in enumerate(ranked, start=1)]
+
+
 class HybridRetriever:
     """Reciprocal rank fusion of ``retrievers`` (each weighted by ``weights``, default 1)."""
 
@@ -43,21 +57,11 @@ class HybridRetriever:
         k = check_k(k)
         depth = max(k, self.depth)
         rankings = [retriever.search_batch(queries, k=depth) for retriever in self.retrievers]
-        return [self._fuse([ranking[i] for ranking in rankings], k) for i in range(len(queries))]
+        return [fuse_rankings([ranking[i] for ranking in rankings], self.weights, k, self.rrf_k)
+                for i in range(len(queries))]
 
     def __call__(self, query, k: int = 5):
         return self.search(query, k=k) if isinstance(query, str) else self.search_batch(list(query), k=k)
-
-    def _fuse(self, rankings: list[list[SearchHit]], k: int) -> list[SearchHit]:
-        scores: dict[str, float] = {}
-        first: dict[str, SearchHit] = {}
-        for weight, hits in zip(self.weights, rankings, strict=True):
-            for rank, hit in enumerate(hits, start=1):
-                scores[hit.pid] = scores.get(hit.pid, 0.0) + weight / (self.rrf_k + rank)
-                first.setdefault(hit.pid, hit)
-        ranked = sorted(scores, key=lambda pid: -scores[pid])[:k]  # stable: ties keep first-seen order
-        return [first[pid].model_copy(update={"score": scores[pid], "rank": rank})
-                for rank, pid in enumerate(ranked, start=1)]
 
 
 SEARCHERS = ("colbert", "bm25", "dense", "hybrid")
@@ -90,4 +94,4 @@ def open_retriever(index_dir: str | Path, kind: str = "colbert") -> Retriever:
     return HybridRetriever([load_retriever(index_dir), BM25Retriever(corpus)])
 
 
-__all__ = ["HybridRetriever", "SEARCHERS", "open_retriever"]
+__all__ = ["HybridRetriever", "SEARCHERS", "fuse_rankings", "open_retriever"]

@@ -130,3 +130,27 @@ def test_grpo_seed_reaches_the_weight_stages():
     from apexdsp.cli.compile_cmd import weight_stages
 
     assert weight_stages("bootstrap+grpo(planner)", 3, 0.0, seed=7)[0].grpo.seed == 7
+
+
+@pytest.mark.parametrize(("edit", "needles"), [
+    ({"config.json": json.dumps({"model_type": "llama"})}, ("config.json has model_type 'llama'",)),
+    ({"artifact.metadata": '{"dim": 128,\n oops'}, ("artifact.metadata line 2 is not valid JSON",)),
+    ({"apexdsp-encoder.json": json.dumps({"format": 99})}, ("format 99", "upgrade apexdsp")),
+], ids=["not-bert", "broken-metadata", "newer-format"])
+def test_an_encoder_folder_from_another_version_is_refused_before_indexing(tmp_path, data_dir, edit, needles):
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    files = {"model.safetensors": "", "artifact.metadata": json.dumps({"dim": 128}),
+             "config.json": json.dumps({"model_type": "bert"}), **edit}
+    for name, content in files.items():
+        (encoder / name).write_text(content)
+    result = run_cli("index", "build", "--corpus", str(data_dir / "musique" / "corpus.jsonl"),
+                     "--encoder", str(encoder), "--out", str(tmp_path / "index"))
+    assert_one_line_error(result, "encoder", *needles)
+    assert not (tmp_path / "index").exists()
+
+
+def test_index_eval_heldout_of_a_folder_without_a_training_record(tmp_path, data_dir):
+    result = run_cli("index", "eval", "--index", str(tmp_path), "--questions",
+                     str(data_dir / "musique" / "train.jsonl"), "--heldout-of", str(tmp_path), "--no-track")
+    assert_one_line_error(result, "--heldout-of", "apexdsp-encoder.json")

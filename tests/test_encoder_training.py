@@ -1,4 +1,5 @@
-"""Encoder training additions: the held-out slice, the open-pool proxy, the distillation teacher, best-step selection."""
+"""Encoder training additions: the held-out slices, self-supervised pairs, the open-pool proxy, the distillation
+teacher, best-step selection."""
 
 from __future__ import annotations
 
@@ -30,17 +31,57 @@ def _examples(questions, source):
 
 def test_heldout_slice_is_stable_disjoint_and_shared_with_the_proxy(questions, data_dir):
     hotpot = _examples(questions, "hotpot")
-    other = _examples(read_questions(data_dir / "musique" / "train.jsonl", limit=20), "musique")
+    musique_questions = read_questions(data_dir / "musique" / "train.jsonl", limit=20)
+    other = _examples(musique_questions, "musique")
     held, train = split_heldout(hotpot + other, 10, seed=0)
     held_again, _ = split_heldout(hotpot, 10, seed=0)
-    assert [e.question for e in held] == [e.question for e in held_again]  # other files do not move it
-    assert len(held) == 10 and {e.source for e in held} == {"hotpot"}
+    hotpot_held = [e for e in held if e.source == "hotpot"]
+    assert [e.question for e in hotpot_held] == [e.question for e in held_again]  # other files do not move it
+    assert len(hotpot_held) == 10
+    assert len([e for e in held if e.source == "musique"]) == 5  # every file gives a slice, at most a quarter
     assert not {e.question for e in held} & {e.question for e in train}
-    assert len(train) == len(hotpot) + len(other) - 10
+    assert len(train) == len(hotpot) + len(other) - 15
     _, proxy_held = heldout_split(questions, 10, seed=0)
-    assert {q.question.strip() for q in proxy_held} == {e.question for e in held}
+    assert {q.question.strip() for q in proxy_held} == {e.question for e in hotpot_held}
+    _, proxy_musique = heldout_split(musique_questions, 5, seed=0)
+    assert {q.question.strip() for q in proxy_musique} == {e.question for e in held if e.source == "musique"}
     assert {e.question for e in split_heldout(hotpot, 10, seed=1)[0]} != {e.question for e in held}
     assert len(split_heldout(hotpot, 1000, seed=0)[0]) == len(hotpot) // 4  # never more than a quarter
+
+
+def test_self_supervised_pairs_come_from_the_corpus_and_are_never_held_out(data_dir):
+    from apexdsp.indexes.corpus import load_corpus
+    from apexdsp.indexes.triples import build_examples, self_supervised_examples
+    from apexdsp.metrics.retrieval import normalize_title
+
+    corpus = load_corpus(data_dir / "musique" / "corpus.jsonl")
+    texts = {p.title: p.text for p in corpus.passages}
+    excluded = frozenset(normalize_title(p.title) for p in corpus.passages[:300])
+    pairs = self_supervised_examples(corpus, 12, seed=0, exclude_titles=excluded)
+    assert len(pairs) == 12 and all(e.self_supervised and not e.qid for e in pairs)
+    assert not {t for e in pairs for t in e.gold_titles} & excluded
+    assert len({e.positives[0].title for e in pairs}) == 12  # one pair per page
+    titles = [e for e in pairs if e.question == e.positives[0].title.strip()]
+    sentences = [e for e in pairs if e not in titles]
+    assert titles and sentences
+    for example in titles:
+        assert example.positives[0].text == texts[example.positives[0].title]
+    for example in sentences:  # the sentence is the query and is taken out of its passage
+        whole = texts[example.positives[0].title]
+        assert example.question in whole and example.question not in example.positives[0].text
+        assert example.gold_titles == {normalize_title(example.positives[0].title)}
+
+    train = data_dir / "musique" / "train.jsonl"
+    examples = build_examples([train], mined_per_question=1, self_supervised_per_corpus=8, limit_per_file=20)
+    synthetic = [e for e in examples if e.self_supervised]
+    assert len(synthetic) == 8
+    gold = {normalize_title(t) for q in read_questions(train, limit=20) for t in q.supporting_titles}
+    assert not {t for e in synthetic for t in e.gold_titles} & gold  # no page a question of the file needs
+    for example in synthetic:  # BM25 negatives, never of the pair's own page
+        assert example.pools["bm25"] and all(normalize_title(n.title) not in example.gold_titles
+                                             for n in example.pools["bm25"])
+    held, _ = split_heldout(examples, 5, seed=0)
+    assert len(held) == 5 and not any(e.self_supervised for e in held)
 
 
 def test_open_pool_holds_the_questions_paragraphs_and_random_passages(questions):
@@ -119,6 +160,31 @@ def test_training_with_distillation_keeps_the_best_checked_step(tmp_path, data_d
     assert saved["config"]["distill_weight"] == 1.0
 
 
+@pytest.mark.slow
+def test_training_on_several_files_holds_out_a_slice_of_each_and_index_eval_can_score_it(tmp_path, data_dir):
+    from apexdsp.errors import ApexError
+    from apexdsp.indexes.encoder_job import train_encoder
+    from apexdsp.indexes.evaluation import heldout_ids
+
+    hotpot, musique = data_dir / "hotpotqa" / "train.jsonl", data_dir / "musique" / "train.jsonl"
+    config = EncoderTrainingConfig(steps=2, batch_size=4, train_layers=0, distractors_per_question=2,
+                                   mined_per_question=1, heldout_questions=6, heldout_random_passages=10,
+                                   eval_every=2, pca_sample=64, limit_per_file=24, self_supervised_per_corpus=4)
+    result = train_encoder([hotpot, musique], tmp_path / "enc", config, track=False, progress=False)
+    record = result.record
+    assert record["self_supervised_examples"] == 8 and record["heldout_questions"] == 12
+    after = record["heldout_after"]
+    for name in ("recall_at_2", "recall_at_5", "mrr"):  # per file, and their mean
+        assert after[f"heldout_{name}"] == pytest.approx(
+            (after[f"heldout_hotpotqa_{name}"] + after[f"heldout_musique_{name}"]) / 2)
+    held = heldout_ids(result.path, musique)
+    trained_on = {q.id for q in read_questions(musique, limit=24)} - held
+    assert len(held) == 6 and held <= {q.id for q in read_questions(musique, limit=24)} and trained_on
+    assert len(heldout_ids(result.path, hotpot)) == 6
+    with pytest.raises(ApexError, match="not one of its training files"):
+        heldout_ids(result.path, data_dir / "2wikimultihopqa" / "train.jsonl")
+
+
 def test_the_teacher_reuses_cached_corpus_vectors_and_never_encodes_a_whole_corpus(tmp_path, monkeypatch):
     """Only a corpus the dense baseline already encoded lends its vectors; an uncached one is skipped (the
     teacher encodes the few passages it trains on), so a short training run never waits on a whole corpus."""
@@ -138,3 +204,20 @@ def test_the_teacher_reuses_cached_corpus_vectors_and_never_encodes_a_whole_corp
     assert len(known) == 5
     for text, vector in zip(load_corpus(path).texts(), dense.embeddings):
         np.testing.assert_array_equal(known[text], vector)
+
+
+def test_exhaustive_maxsim_equals_colberts_own_scoring():
+    from colbert.modeling.colbert import colbert_score
+
+    from apexdsp.indexes.heldout import maxsim_matrix
+
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(5, 32, 16, generator=generator), dim=-1)
+    docs = torch.nn.functional.normalize(torch.randn(37, 40, 16, generator=generator), dim=-1)
+    lengths = torch.randint(1, 41, (37,), generator=generator)
+    mask = torch.arange(40)[None] < lengths[:, None]
+    docs = docs * mask[..., None]
+    ours = maxsim_matrix(queries, docs, mask, chunk=8)
+    for row, query in enumerate(queries):
+        theirs = colbert_score(query[None], docs, mask.float()).numpy()
+        np.testing.assert_allclose(ours[row], theirs, rtol=1e-5, atol=1e-5)

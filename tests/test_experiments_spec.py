@@ -51,6 +51,16 @@ def test_keys_change_with_the_data_and_only_downstream(tmp_path, data_dir):
 
 
 
+def test_the_retriever_over_a_colbert_index_is_part_of_the_searching_steps_keys():
+    path = next(p for p in SPECS if p.stem == "musique-rag")
+    spec = load_spec(path)
+    colbert = {s.label + s.kind: s.key for s in plan_steps(spec)}
+    spec.index.retriever = "hybrid"
+    hybrid = {s.label + s.kind: s.key for s in plan_steps(spec)}
+    assert colbert["indexindex"] == hybrid["indexindex"]  # one index, searched two ways
+    assert colbert["uncompiledevaluate"] != hybrid["uncompiledevaluate"]
+
+
 def test_a_sampled_slice_draws_the_same_questions_in_file_order_and_names_its_draw(data_dir):
     train = data_dir / "hotpotqa" / "train.jsonl"
     whole = load_source(QuestionSource(file=train, offset=1200, limit=79))
@@ -116,6 +126,9 @@ def test_a_users_own_stage_kind_names_its_own_execution_settings(tmp_path, data_
 BAD = [
     ("unknown top-level key", ("[program]", "colour = 'red'\n[program]"), "colour: unknown key"),
     ("unknown nested key", ('kind = "bm25"', 'kind = "bm25"\ncorpora = "x"'), "index.corpora: unknown key"),
+    ("unknown retriever", ('kind = "bm25"', 'kind = "bm25"\nretriever = "splade"'), "index.retriever: Input should be"),
+    ("retriever over bm25", ('kind = "bm25"', 'kind = "bm25"\nretriever = "hybrid"'),
+     "'retriever' chooses what searches a colbert index"),
     ("wrong type", ("threads = 4", 'threads = "four"'), "evaluation.threads: Input should be a valid integer"),
     ("missing file", ('corpus = "corpus.jsonl"', 'corpus = "nowhere.jsonl"'),
      "index.corpus: file 'nowhere.jsonl' not found"),

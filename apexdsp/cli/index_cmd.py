@@ -44,7 +44,11 @@ def train_encoder_cmd(
     lr_projection: Annotated[float, typer.Option(min=0)] = 1e-3,
     lr_encoder: Annotated[float, typer.Option(min=0)] = 3e-5,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N questions of each file.")] = None,
-    heldout: Annotated[int, typer.Option(min=0, help="Questions of the first file held out for selection.")] = 64,
+    heldout: Annotated[int, typer.Option(min=0, help=(
+        "Questions of each --train file (at most a quarter) held out for selection, never trained on."))] = 64,
+    self_supervised: Annotated[int, typer.Option(min=0, help=(
+        "Self-supervised pairs drawn from each --train file's corpus (a title or a sentence as the query "
+        "for its passage)."))] = 0,
     heldout_random: Annotated[int, typer.Option(
         min=0, help="Random corpus passages added to the held-out pool (an open search).")] = 0,
     eval_every: Annotated[int, typer.Option(
@@ -71,6 +75,7 @@ def train_encoder_cmd(
                                    negatives_per_query=negatives,
                                    limit_per_file=limit, seed=seed, lr_projection=lr_projection, lr_encoder=lr_encoder,
                                    heldout_questions=heldout, heldout_random_passages=heldout_random,
+                                   self_supervised_per_corpus=self_supervised,
                                    eval_every=eval_every, distill_weight=distill, teacher_bm25_weight=teacher_bm25,
                                    teacher_temperature=teacher_temperature, warmup_fraction=warmup)
     from apexdsp.paths import cache_dir
@@ -93,7 +98,8 @@ def build(
     out: Annotated[Path, typer.Option(help="Index folder (replaced only once the new one is complete).")],
     nbits: Annotated[int, typer.Option(help="Bits per residual dimension: 1, 2, 4 or 8.")] = 2,
     partitions: Annotated[Optional[int], typer.Option(
-        help="k-means centroids (a power of two; default: colbert's 2^floor(log2(16*sqrt(embeddings)))).")] = None,
+        help=("k-means centroids (a power of two; default: 2^floor(log2(4*sqrt(embeddings))), a quarter of "
+              "colbert's rule)."))] = None,
     threads: Annotated[int, typer.Option(min=1)] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
@@ -137,6 +143,9 @@ def eval_cmd(
     questions: Annotated[Path, typer.Option(help="Questions JSONL with supporting_titles.")],
     k: Annotated[str, typer.Option("-k", "--k", help="Cut-offs, comma-separated.")] = "1,2,5,10,20",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N questions.")] = None,
+    heldout_of: Annotated[Optional[Path], typer.Option(help=(
+        "An encoder folder: evaluate only the questions it held out of its training (the question file "
+        "must be one of its --train files)."))] = None,
     baselines: Annotated[bool, typer.Option(help="Also evaluate BM25 and dense MiniLM on the same corpus.")] = True,
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
     threads: Annotated[int, typer.Option(min=1)] = 2,
@@ -147,7 +156,7 @@ def eval_cmd(
 
     ks = _parse_ks(k)
     report = evaluate_retrieval(index, questions, ks=ks, limit=limit, baselines=baselines, track=track,
-                                progress=not as_json, threads=threads)
+                                progress=not as_json, threads=threads, heldout_of=heldout_of)
     if as_json:
         print(json.dumps(report.summary()))
         return
