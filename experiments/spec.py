@@ -111,12 +111,27 @@ def _overlaps(a: QuestionSource, b: QuestionSource) -> bool:
     return a.offset < b_end and b.offset < a_end
 
 
+class EncoderTrainFile(_Strict):
+    """A question file the encoder trains on, optionally only its first ``limit`` questions."""
+
+    file: Path
+    limit: int | None = Field(None, ge=1)
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _exists(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve(value, info) if isinstance(value, (str, Path)) else value
+
+
 class EncoderSpec(_Strict):
-    """The ColBERT encoder: an existing checkpoint folder (``path``) or one trained from question files."""
+    """The ColBERT encoder: an existing checkpoint folder (``path``) or one trained from question files.
+
+    ``train`` lists question files, each a path or ``{ file = ..., limit = N }`` (its first N questions, so
+    that a data set's test questions stay out of the encoder's training)."""
 
     path: Path | None = None
-    train: list[Path] = Field(default_factory=list)
-    limit: int | None = Field(None, ge=1, description="first N questions of each training file")
+    train: list[EncoderTrainFile] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1, description="first N questions of each training file without a limit")
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=2)
     train_layers: int = Field(0, ge=0, le=6)
@@ -143,10 +158,14 @@ class EncoderSpec(_Strict):
 
     @field_validator("train", mode="before")
     @classmethod
-    def _train_exist(cls, value: Any, info: ValidationInfo) -> Any:
+    def _train_files(cls, value: Any) -> Any:
         if not isinstance(value, list):
             return value
-        return [_resolve(item, info) if isinstance(item, (str, Path)) else item for item in value]
+        return [{"file": item} if isinstance(item, (str, Path)) else item for item in value]
+
+    def train_limits(self) -> list[int | None]:
+        """Per training file: how many of its first questions are used (``None``: all)."""
+        return [item.limit or self.limit for item in self.train]
 
     @model_validator(mode="after")
     def _one_source(self) -> EncoderSpec:

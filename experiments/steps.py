@@ -174,7 +174,8 @@ class EncoderStep(Step):
     def identity(self) -> dict[str, Any]:
         encoder = self.spec_encoder
         return {"settings": encoder.training_settings(), "limit": encoder.limit,
-                "train": [file_hash(path) for path in encoder.train]}
+                "train": [file_hash(item.file) if item.limit is None else [file_hash(item.file), item.limit]
+                          for item in encoder.train]}
 
     def __init__(self, spec: ExperimentSpec):
         super().__init__("encoder")
@@ -187,8 +188,8 @@ class EncoderStep(Step):
 
         encoder = self.spec_encoder
         config = EncoderTrainingConfig(**encoder.training_settings(), limit_per_file=encoder.limit)
-        trained = train_encoder([str(path) for path in encoder.train], work_dir / "encoder", config, track=False,
-                                cache_dir=cache_dir("cache"))
+        trained = train_encoder([str(item.file) for item in encoder.train], work_dir / "encoder", config,
+                                track=False, cache_dir=cache_dir("cache"), limits=encoder.train_limits())
         record = trained.record
         metrics = {**{f"before_{k}": v for k, v in record["heldout_before"].items()},
                    **{f"after_{k}": v for k, v in record["heldout_after"].items()}, **record["timings"]}

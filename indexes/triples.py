@@ -154,7 +154,7 @@ def build_examples(
     corpora: dict[str, str | os.PathLike[str] | None] | None = None,
     distractors_per_question: int = 4,
     mined_per_question: int = 2,
-    limit_per_file: int | None = None,
+    limit_per_file: int | list[int | None] | None = None,
     mining_index: str | os.PathLike[str] | None = None,
     index_mined_per_question: int = 0,
     self_supervised_per_corpus: int = 0,
@@ -162,6 +162,7 @@ def build_examples(
 ) -> list[TrainingExample]:
     """Examples from every training file, in file order; mined negatives come from each file's corpus.
 
+    ``limit_per_file`` keeps the first N questions of every file, or of each file when it is a list.
     ``self_supervised_per_corpus`` adds that many :func:`self_supervised_examples` from each file's corpus
     (never from a gold page of that file's questions), after the file's own questions.
 
@@ -178,8 +179,9 @@ def build_examples(
         index_retriever = ColBERTRetriever(mining_index)
     corpora = corpora or {}
     examples: list[TrainingExample] = []
-    for train_file in train_files:
-        questions = read_questions(train_file, limit=limit_per_file)
+    limits = limit_per_file if isinstance(limit_per_file, list) else [limit_per_file] * len(train_files)
+    for train_file, limit in zip(train_files, limits, strict=True):
+        questions = read_questions(train_file, limit=limit)
         if not questions:
             raise DataError(f"{os.fspath(train_file)}: no training questions")
         file_examples = [e for e in (example_from_question(q, distractors_per_question) for q in questions) if e]

@@ -170,16 +170,18 @@ def test_training_on_several_files_holds_out_a_slice_of_each_and_index_eval_can_
     config = EncoderTrainingConfig(steps=2, batch_size=4, train_layers=0, distractors_per_question=2,
                                    mined_per_question=1, heldout_questions=6, heldout_random_passages=10,
                                    eval_every=2, pca_sample=64, limit_per_file=24, self_supervised_per_corpus=4)
-    result = train_encoder([hotpot, musique], tmp_path / "enc", config, track=False, progress=False)
+    result = train_encoder([hotpot, musique], tmp_path / "enc", config, track=False, progress=False,
+                           limits=[24, 16])
     record = result.record
-    assert record["self_supervised_examples"] == 8 and record["heldout_questions"] == 12
+    assert record["self_supervised_examples"] == 8 and record["heldout_questions"] == 6 + 4  # 16 // 4 of musique
+    assert record["train_limits"] == [24, 16]
     after = record["heldout_after"]
     for name in ("recall_at_2", "recall_at_5", "mrr"):  # per file, and their mean
         assert after[f"heldout_{name}"] == pytest.approx(
             (after[f"heldout_hotpotqa_{name}"] + after[f"heldout_musique_{name}"]) / 2)
     held = heldout_ids(result.path, musique)
-    trained_on = {q.id for q in read_questions(musique, limit=24)} - held
-    assert len(held) == 6 and held <= {q.id for q in read_questions(musique, limit=24)} and trained_on
+    trained_on = {q.id for q in read_questions(musique, limit=16)} - held
+    assert len(held) == 4 and held <= {q.id for q in read_questions(musique, limit=16)} and trained_on
     assert len(heldout_ids(result.path, hotpot)) == 6
     with pytest.raises(ApexError, match="not one of its training files"):
         heldout_ids(result.path, data_dir / "2wikimultihopqa" / "train.jsonl")

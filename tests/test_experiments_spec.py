@@ -61,6 +61,22 @@ def test_the_retriever_over_a_colbert_index_is_part_of_the_searching_steps_keys(
     assert colbert["uncompiledevaluate"] != hybrid["uncompiledevaluate"]
 
 
+def test_encoder_training_files_take_a_limit_each_and_it_is_part_of_the_key(tmp_path, data_dir):
+    path = next(p for p in SPECS if p.stem == "musique-rag")
+    text = path.read_text()
+    start, end = text.index("[index.encoder]"), text.index("[program]")
+    encoder = ('[index.encoder]\ntrain = ["musique/train.jsonl", { file = "2wikimultihopqa/train.jsonl", limit = 40 }]\n'
+               "limit = 30\nsteps = 10\n\n")
+    mine = tmp_path / "musique-rag.toml"
+    mine.write_text(text[:start] + encoder + text[end:])
+    spec = load_spec(mine)
+    assert [item.file.name for item in spec.index.encoder.train] == ["train.jsonl", "train.jsonl"]
+    assert spec.index.encoder.train_limits() == [30, 40]  # the file's own limit, else the shared one
+    before = plan_steps(spec)[0].key
+    mine.write_text(mine.read_text().replace("limit = 40", "limit = 41"))
+    assert plan_steps(load_spec(mine))[0].key != before
+
+
 def test_a_sampled_slice_draws_the_same_questions_in_file_order_and_names_its_draw(data_dir):
     train = data_dir / "hotpotqa" / "train.jsonl"
     whole = load_source(QuestionSource(file=train, offset=1200, limit=79))
