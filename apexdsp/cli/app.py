@@ -30,7 +30,7 @@ err_console = Console(stderr=True)
 def _mount() -> None:
     """Import the command groups (kept lazy in their own modules so ``--help`` stays fast)."""
     from apexdsp.cli import ask_cmd, compile_cmd, data_cmd, eval_cmd, index_cmd, lm_cmd, setup_cmd, store_cmd
-    from apexdsp.cli import compare_cmd, run_cmd
+    from apexdsp.cli import compare_cmd, run_cmd, serve_cmd
 
     app.add_typer(lm_cmd.app, name="lm")
     app.add_typer(data_cmd.app, name="data")
@@ -42,6 +42,7 @@ def _mount() -> None:
     store_cmd.register(app)
     run_cmd.register(app)
     compare_cmd.register(app)
+    serve_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
