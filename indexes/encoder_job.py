@@ -128,7 +128,7 @@ def train_encoder(
         if run is not None:
             for point in trainer.history:
                 run.log_metrics({f"selection_{k}": v for k, v in point.items() if k != "step"}, step=point["step"])
-        after = trainer.evaluate()
+        after = trainer.final_metrics()
         timings["total_s"] = time.perf_counter() - started
 
         record = {

@@ -346,6 +346,14 @@ class EncoderTrainer:
                 metrics[f"{prefix}_{name}"] = metrics.get(f"{prefix}_{name}", 0.0) + value / len(per_source)
         return metrics
 
+    def final_metrics(self) -> dict[str, float]:
+        """The held-out ranking of the weights :meth:`train` kept: the best checked step's, already measured
+        (no second pass over the pool), or a fresh :meth:`evaluate` when no step was checked."""
+        if not self.history:
+            return self.evaluate()
+        best = max(self.history, key=lambda h: (h.get("heldout_recall_at_5", 0.0), h.get("heldout_mrr", 0.0)))
+        return {k: v for k, v in best.items() if k != "step"}
+
     @property
     def best_step(self) -> int | None:
         if not self.history:

@@ -154,3 +154,13 @@ def test_index_eval_heldout_of_a_folder_without_a_training_record(tmp_path, data
     result = run_cli("index", "eval", "--index", str(tmp_path), "--questions",
                      str(data_dir / "musique" / "train.jsonl"), "--heldout-of", str(tmp_path), "--no-track")
     assert_one_line_error(result, "--heldout-of", "apexdsp-encoder.json")
+
+
+def test_a_served_model_without_an_api_key_is_refused_before_any_question(data_dir):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    result = subprocess.run([APEXDSP, "evaluate", "--program", "vanilla", "--lm", "openai/smollm2-135m",
+                             "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"), "--limit", "1", "--no-track"],
+                            capture_output=True, text=True, timeout=300, env={**env, "OPENAI_API_BASE": "http://127.0.0.1:9"})
+    assert_one_line_error(result, "OPENAI_API_KEY")

@@ -12,6 +12,7 @@ copy of the weights and one batching worker (which is what lets calls from sever
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 from apexdsp.errors import ModelNotAvailable
@@ -51,6 +52,10 @@ def get_lm(name: str = DEFAULT_MODEL, *, engine_config: EngineConfig | None = No
     if "/" in name and not name.startswith(("/", ".", "~")):
         if engine_config is not None:
             raise ModelNotAvailable(f"{name!r} is served by LiteLLM; engine_config applies to local models only")
+        if name.startswith("openai/") and "api_key" not in lm_kwargs and not os.environ.get("OPENAI_API_KEY"):
+            # LiteLLM would fail every call after minutes of retries, each counted as a failed question
+            raise ModelNotAvailable(f"{name!r} needs OPENAI_API_KEY (any value for a local server such as "
+                                    "`apexdsp serve`, with OPENAI_API_BASE set to its address)")
         return dspy.LM(name, **lm_kwargs)
     raise ModelNotAvailable(
         f"unknown model {name!r}; known local models: {_known()}; or a local transformers folder "
