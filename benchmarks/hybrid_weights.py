@@ -2,8 +2,9 @@
 
 Each question is searched once by ColBERT and once by BM25 (``depth`` deep); every fusion of the grid
 is then computed from those two rankings with the hybrid retriever's own fusion
-(:func:`apexdsp.indexes.hybrid.fuse_rankings`), so the grid costs one search per retriever. Choose on questions the encoder never trained on
-(``--heldout-of ENCODER`` with a training file); each row gives recall@5 and all-gold@10.
+(:func:`apexdsp.indexes.hybrid.fuse_rankings`), so the grid costs one search per retriever. Choose on
+questions the encoder never trained on (``--heldout-of ENCODER`` with a training file); each row gives
+recall@5 and all-gold@10 per question file and their mean recall@5.
 
     .venv/bin/python benchmarks/hybrid_weights.py --index .apexdsp/indexes/hotpotqa \
         --questions ../shared/data/hotpotqa/train.jsonl --heldout-of ENCODER --out hybrid.json

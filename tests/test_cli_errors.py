@@ -162,5 +162,6 @@ def test_a_served_model_without_an_api_key_is_refused_before_any_question(data_d
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     result = subprocess.run([APEXDSP, "evaluate", "--program", "vanilla", "--lm", "openai/smollm2-135m",
                              "--questions", str(data_dir / "hotpotqa" / "dev.jsonl"), "--limit", "1", "--no-track"],
-                            capture_output=True, text=True, timeout=300, env={**env, "OPENAI_API_BASE": "http://127.0.0.1:9"})
+                            capture_output=True, text=True, timeout=300,
+                            env={**env, "OPENAI_API_BASE": "http://127.0.0.1:9"})
     assert_one_line_error(result, "OPENAI_API_KEY")
