@@ -46,10 +46,9 @@ def _encode_once_indexer(partitions: int | None = None):
 
         def setup(self):
             super().setup()
-            wanted = partitions or default_partitions(self.num_embeddings_est)
-            if wanted != self.num_partitions:
-                Run().print_main(f"#> Using {wanted:,} partitions instead of colbert's {self.num_partitions:,}.")
-                self.num_partitions = wanted
+            if partitions is not None and partitions != self.num_partitions:
+                Run().print_main(f"#> Using {partitions:,} partitions instead of colbert's {self.num_partitions:,}.")
+                self.num_partitions = partitions
                 self._save_plan()
 
         def _sample_embeddings(self, sampled_pids):
@@ -82,16 +81,6 @@ def _encode_once_indexer(partitions: int | None = None):
     return encode
 
 
-def default_partitions(embeddings: float) -> int:
-    """k-means centroids for ``embeddings`` token vectors: ``2**floor(log2(4 * sqrt(embeddings)))``, a quarter
-    of colbert's rule (``16 * sqrt``). colbert's rule gives 16,384 centroids for HotpotQA's 1.5M vectors,
-    whose k-means is half the build on two cores; the residual codes keep the ranking where it was (see
-    docs/notes/retrieval.md)."""
-    import math
-
-    return 2 ** max(1, int(math.floor(math.log2(4 * math.sqrt(max(embeddings, 1.0))))))
-
-
 def _directory_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
@@ -100,8 +89,10 @@ def run_colbert_indexer(texts: list[str], encoder: Path, index_path: Path, nbits
                         partitions: int | None = None) -> None:
     """Index ``texts`` (pid = position) with colbert-ai on CPU, in this process, into ``index_path``.
 
-    ``partitions`` is the number of k-means centroids (default: :func:`default_partitions`, a quarter of
-    colbert's ``2**floor(log2(16 * sqrt(embeddings)))``).
+    ``partitions`` overrides colbert's number of k-means centroids (``2**floor(log2(16 * sqrt(embeddings)))``,
+    16,384 for HotpotQA's 1.5M token embeddings, whose k-means is about half of the build on two cores). A
+    quarter of that rule builds 2WikiMultihopQA's index 1.5x faster but loses 2.9 points of recall@5
+    (docs/notes/retrieval.md), so the default stays colbert's.
     """
     from apexdsp.indexes.extensions import load_extensions
 

@@ -98,8 +98,7 @@ def build(
     out: Annotated[Path, typer.Option(help="Index folder (replaced only once the new one is complete).")],
     nbits: Annotated[int, typer.Option(help="Bits per residual dimension: 1, 2, 4 or 8.")] = 2,
     partitions: Annotated[Optional[int], typer.Option(
-        help=("k-means centroids (a power of two; default: 2^floor(log2(4*sqrt(embeddings))), a quarter of "
-              "colbert's rule)."))] = None,
+        help="k-means centroids (a power of two; default: colbert's 2^floor(log2(16*sqrt(embeddings)))).")] = None,
     threads: Annotated[int, typer.Option(min=1)] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
