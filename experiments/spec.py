@@ -182,7 +182,7 @@ class IndexSpec(_Strict):
 
     kind: Literal["colbert", "bm25"] = "colbert"
     retriever: Literal["colbert", "bm25", "dense", "hybrid"] = Field(
-        "colbert", description="what searches a colbert index's passages (hybrid: ColBERT and BM25 fused by rank)")
+        "hybrid", description="what searches a colbert index's passages (hybrid: ColBERT and BM25 fused by rank)")
     reuse: Path | None = Field(None, description="an existing index folder (colbert)")
     corpus: Path | None = None
     encoder: EncoderSpec | None = None
@@ -199,7 +199,7 @@ class IndexSpec(_Strict):
         if self.kind == "bm25":
             if self.corpus is None or self.reuse is not None or self.encoder is not None:
                 raise ValueError("kind 'bm25' takes 'corpus' only")
-            if self.retriever != "colbert":
+            if "retriever" in self.model_fields_set:
                 raise ValueError("'retriever' chooses what searches a colbert index; kind 'bm25' is BM25 already")
         elif self.reuse is not None:
             if self.corpus is not None or self.encoder is not None:

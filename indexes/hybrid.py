@@ -2,8 +2,10 @@
 
 ColBERT ranks the top passages best and BM25 finds more at depth (``apexdsp index eval``); fusing their
 rankings keeps both. Each retriever is searched ``depth`` deep and a passage scores
-``sum(weight_i / (rrf_k + rank_i))`` over the rankings it appears in (Cormack et al., 2009; ``rrf_k = 60``
-as there). The fused retriever has the same ``search`` / ``search_batch`` interface as each part.
+``sum(weight_i / (rrf_k + rank_i))`` over the rankings it appears in (Cormack et al., 2009, who use
+``rrf_k = 60``). The defaults, equal weights and ``rrf_k = 10``, were chosen on the encoder's held-out
+questions of the three data sets (``benchmarks/hybrid_weights.py``; docs/notes/retrieval.md). The fused
+retriever has the same ``search`` / ``search_batch`` interface as each part.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from apexdsp.indexes.retriever_base import check_k, check_queries
 
 
 def fuse_rankings(rankings: Sequence[list[SearchHit]], weights: Sequence[float], k: int,
-                  rrf_k: int = 60) -> list[SearchHit]:
+                  rrf_k: int = 10) -> list[SearchHit]:
     """The top ``k`` of several rankings of one query by weighted reciprocal rank fusion."""
     scores: dict[str, float] = {}
     first: dict[str, SearchHit] = {}
@@ -36,7 +38,7 @@ class HybridRetriever:
     name = "hybrid"
 
     def __init__(self, retrievers: Sequence[Retriever], weights: Sequence[float] | None = None, *,
-                 depth: int = 50, rrf_k: int = 60):
+                 depth: int = 50, rrf_k: int = 10):
         if len(retrievers) < 2:
             raise ApexError("a hybrid retriever fuses at least two retrievers")
         weights = list(weights) if weights is not None else [1.0] * len(retrievers)
@@ -65,9 +67,10 @@ class HybridRetriever:
 
 
 SEARCHERS = ("colbert", "bm25", "dense", "hybrid")
+DEFAULT_SEARCHER = "hybrid"  # best recall of the four on every data set measured (docs/notes/retrieval.md)
 
 
-def open_retriever(index_dir: str | Path, kind: str = "colbert") -> Retriever:
+def open_retriever(index_dir: str | Path, kind: str = DEFAULT_SEARCHER) -> Retriever:
     """The searcher ``kind`` over an index directory's passages: the ColBERT index itself, BM25 or dense
     MiniLM over the same passages, or ColBERT and BM25 fused (``hybrid``).
 
@@ -99,4 +102,4 @@ def open_retriever(index_dir: str | Path, kind: str = "colbert") -> Retriever:
     return DenseRetriever.build(load_corpus(manifest.corpus_path), cache_dir("baselines"))
 
 
-__all__ = ["HybridRetriever", "SEARCHERS", "fuse_rankings", "open_retriever"]
+__all__ = ["DEFAULT_SEARCHER", "HybridRetriever", "SEARCHERS", "fuse_rankings", "open_retriever"]

@@ -38,6 +38,9 @@ def test_specs_of_one_dataset_share_the_encoder_and_index_steps():
     plans = [plan_steps(load_spec(path)) for path in SPECS if path.stem.startswith("musique-")]
     assert len({plan[1].key for plan in plans}) == 1  # one index for the four programs
     assert len({plan[-1].key for plan in plans}) == 4  # but four different evaluations
+    everywhere = [plan_steps(load_spec(path)) for path in SPECS]
+    assert len({plan[0].key for plan in everywhere}) == 1  # one encoder for the three data sets
+    assert len({plan[1].key for plan in everywhere}) == 3  # and an index for each
 
 
 def test_keys_change_with_the_data_and_only_downstream(tmp_path, data_dir):
@@ -54,9 +57,10 @@ def test_keys_change_with_the_data_and_only_downstream(tmp_path, data_dir):
 def test_the_retriever_over_a_colbert_index_is_part_of_the_searching_steps_keys():
     path = next(p for p in SPECS if p.stem == "musique-rag")
     spec = load_spec(path)
-    colbert = {s.label + s.kind: s.key for s in plan_steps(spec)}
-    spec.index.retriever = "hybrid"
+    assert spec.index.retriever == "hybrid"  # the default searcher
     hybrid = {s.label + s.kind: s.key for s in plan_steps(spec)}
+    spec.index.retriever = "colbert"
+    colbert = {s.label + s.kind: s.key for s in plan_steps(spec)}
     assert colbert["indexindex"] == hybrid["indexindex"]  # one index, searched two ways
     assert colbert["uncompiledevaluate"] != hybrid["uncompiledevaluate"]
 

@@ -64,9 +64,9 @@ def ask_program(question: str, *, program: str, index: Path | None, lm: str, opt
     configure_dspy(lm=lm, cache=False)
     retriever = None
     if index is not None and program not in RETRIEVAL_FREE:
-        from apexdsp.indexes import load_retriever
+        from apexdsp.indexes import open_retriever
 
-        retriever = load_retriever(index)
+        retriever = open_retriever(index)  # the default searcher: ColBERT and BM25 fused
     qa = build_program(program, retriever=retriever, **options)
     return qa(question=question)
 

@@ -41,8 +41,8 @@ def compile_program(
         "e.g. 'bootstrap+sft(executor.analyze)+grpo(planner)'."))] = "bootstrap",
     index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
     retriever: Annotated[str, typer.Option(help=(
-        "What searches the index's passages: colbert, bm25, dense, or hybrid (ColBERT and BM25 fused by rank)."))
-    ] = "colbert",
+        "What searches the index's passages: hybrid (ColBERT and BM25 fused by rank), colbert, bm25 or dense."))
+    ] = "hybrid",
     trainset: Annotated[Path, typer.Option(help="Training questions JSONL.")] = Path(
         "../shared/data/hotpotqa/train.jsonl"),
     valset: Annotated[Optional[Path], typer.Option(help="Validation questions JSONL (default: the trainset).")] = None,
@@ -296,7 +296,7 @@ def weight_stages(optimizer: str, grpo_steps: int, grpo_beta: float, grpo_lr: fl
 
 
 def _continue_compile(start_from: Path, optimizer: str, *, out: Path, trainset: Path, limit_train: int | None,
-                      index: Path | None, lm: str, stages: list, as_json: bool, retriever_kind: str = "colbert") -> None:
+                      index: Path | None, lm: str, stages: list, as_json: bool, retriever_kind: str = "hybrid") -> None:
     """Run weight stages on a saved compiled program and save the result to ``out`` (never over it)."""
     from apexdsp.optimizers.compiled import load_compiled
 

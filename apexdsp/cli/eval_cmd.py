@@ -30,8 +30,8 @@ def evaluate(
         "../shared/data/hotpotqa/dev.jsonl"),
     index: Annotated[Optional[Path], typer.Option(help="ColBERT index directory (programs that search).")] = None,
     retriever: Annotated[str, typer.Option(help=(
-        "What searches the index's passages: colbert, bm25, dense, or hybrid (ColBERT and BM25 fused by rank)."))
-    ] = "colbert",
+        "What searches the index's passages: hybrid (ColBERT and BM25 fused by rank), colbert, bm25 or dense."))
+    ] = "hybrid",
     lm: Annotated[Optional[str], typer.Option(help=(
         "LM name (smollm2-135m, a local folder, or provider/model) for every module without trained weights. "
         "Default: smollm2-135m, or with --compiled the LMs the program was compiled with."))] = None,
@@ -78,7 +78,7 @@ def evaluate(
 
     if retriever not in SEARCHERS:
         raise ApexError(f"--retriever {retriever!r}: choose one of {', '.join(SEARCHERS)}")
-    searched = {"retriever": retriever} if retriever != "colbert" else {}
+    searched = {"retriever": retriever} if index is not None else {}  # what searched, when anything did
     progress_file = None
     if resume is not None:  # checked (and its header written) before any model or index is loaded
         from apexdsp.eval_checkpoint import EvalCheckpoint, run_provenance

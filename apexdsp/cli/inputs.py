@@ -18,7 +18,7 @@ def require_questions(path: str | os.PathLike[str], limit: int | None = None) ->
     return questions
 
 
-def optional_retriever(index: str | os.PathLike[str] | None, kind: str = "colbert") -> Any:
+def optional_retriever(index: str | os.PathLike[str] | None, kind: str = "hybrid") -> Any:
     """The searcher ``kind`` over ``index`` (ColBERT itself, bm25, dense or hybrid), or ``None`` when no index
     was given (retrieval-free programs)."""
     if index is None:
