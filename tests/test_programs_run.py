@@ -184,8 +184,8 @@ def test_ask_prints_the_answer_and_trajectory_as_json(lm, retriever, questions, 
 
     from apexdsp.cli import ask_cmd
 
-    # The ColBERT loader is swapped for the BM25 index above: building a ColBERT index is another test's job.
-    monkeypatch.setattr("apexdsp.indexes.load_retriever", lambda path: retriever, raising=False)
+    # The index opener is swapped for the BM25 index above: building a ColBERT index is another test's job.
+    monkeypatch.setattr("apexdsp.indexes.open_retriever", lambda path, kind="hybrid": retriever, raising=False)
     app = typer.Typer()
     ask_cmd.register(app)
     app.command("noop")(lambda: None)  # a second command keeps typer from flattening ``ask``
