@@ -41,8 +41,7 @@ def main() -> None:
     from apexdsp.indexes.colbert_retriever import ColBERTRetriever
     from apexdsp.indexes.evaluation import heldout_ids
     from apexdsp.indexes.hybrid import fuse_rankings
-    from apexdsp.indexes.manifest import IndexManifest
-    from apexdsp.indexes.corpus import load_corpus
+    from apexdsp.indexes.corpus import read_passage_table
     from apexdsp.metrics.retrieval import all_gold_at_k, supporting_title_recall
 
     sets = []  # per question file: (name, questions, colbert rankings, bm25 rankings)
@@ -51,7 +50,7 @@ def main() -> None:
         questions = [q for q in read_questions(questions_path)
                      if q.supporting_titles and (keep is None or q.id in keep)]
         colbert = ColBERTRetriever(index)
-        bm25 = BM25Retriever(load_corpus(IndexManifest.read(index).corpus_path))
+        bm25 = BM25Retriever(read_passage_table(Path(index)))  # as the hybrid searcher builds it
         texts = [q.question for q in questions]
         sets.append((Path(questions_path).parent.name, questions,
                      colbert.search_batch(texts, k=args.depth), bm25.search_batch(texts, k=args.depth)))

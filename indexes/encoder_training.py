@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from apexdsp.indexes.encoder import EncoderShape, base_model_path, colbert_config
-from apexdsp.indexes.heldout import maxsim_matrix
+from apexdsp.indexes.heldout import heldout_rank, maxsim_matrix
 from apexdsp.indexes.frozen_states import CachedText, cache_texts, pad_batch, upper_layers
 from apexdsp.indexes.distillation import Teacher, distillation_loss
 from apexdsp.indexes.triples import TrainingExample, TrainPassage
@@ -284,7 +284,7 @@ class EncoderTrainer:
         """Rank the held-out pool; remember these weights if they are the best so far (by recall@5, then MRR)."""
         metrics = self.evaluate()
         self.history.append({"step": step, **metrics})
-        key = (metrics.get("heldout_recall_at_5", 0.0), metrics.get("heldout_mrr", 0.0))
+        key = _selection_key(metrics)
         if not best or key > best["key"]:
             best.update(key=key, step=step, state=copy.deepcopy(self.model.state_dict()))
 
@@ -351,19 +351,27 @@ class EncoderTrainer:
         (no second pass over the pool), or a fresh :meth:`evaluate` when no step was checked."""
         if not self.history:
             return self.evaluate()
-        best = max(self.history, key=lambda h: (h.get("heldout_recall_at_5", 0.0), h.get("heldout_mrr", 0.0)))
-        return {k: v for k, v in best.items() if k != "step"}
+        return {k: v for k, v in self._best_point().items() if k != "step"}
+
+    def _best_point(self) -> dict:
+        """The checked step with the best held-out recall@5, then MRR (the first of equals, as in training)."""
+        return max(self.history, key=_selection_key)
 
     @property
     def best_step(self) -> int | None:
         if not self.history:
             return None
-        return max(self.history, key=lambda h: (h.get("heldout_recall_at_5", 0.0), h.get("heldout_mrr", 0.0)))["step"]
+        return self._best_point()["step"]
 
     def save(self, folder) -> None:
         """colbert's own checkpoint format: HF weights + linear, tokenizer, ``artifact.metadata``."""
         self.model.eval()
         self.model.save(str(folder))
+
+
+def _selection_key(metrics: dict) -> tuple[float, float]:
+    """How checked steps are compared: held-out recall@5 (mean over files), then MRR."""
+    return metrics.get("heldout_recall_at_5", 0.0), metrics.get("heldout_mrr", 0.0)
 
 
 def split_heldout(examples: list[TrainingExample], n: int, seed: int) -> tuple[list[TrainingExample], list]:
@@ -374,7 +382,7 @@ def split_heldout(examples: list[TrainingExample], n: int, seed: int) -> tuple[l
     sources = dict.fromkeys(e.source for e in examples if not e.self_supervised)
     for source in sources:
         own = [e for e in examples if e.source == source and not e.self_supervised]
-        ranked = sorted(own, key=lambda e: hashlib.sha1(f"{seed}:{e.question}".encode()).hexdigest())
+        ranked = sorted(own, key=lambda e: heldout_rank(e.question, seed))
         held |= {id(e) for e in ranked[:min(n, len(own) // 4)]}
     return [e for e in examples if id(e) in held], [e for e in examples if id(e) not in held]
 

@@ -27,13 +27,15 @@ from apexdsp.metrics.retrieval import all_gold_at_k, supporting_title_recall
 PROXY_KS = (1, 2, 5, 10, 20)
 
 
+def heldout_rank(question_text: str, seed: int = 0) -> str:
+    """The sort key that picks held-out questions: a seeded hash of the (stripped) question text."""
+    return hashlib.sha1(f"{seed}:{question_text.strip()}".encode()).hexdigest()
+
+
 def heldout_split(questions: Sequence[Question], n: int, seed: int = 0) -> tuple[list[Question], list[Question]]:
     """``(train, heldout)``: the ``n`` questions with the smallest seeded hash of their text are held out
     (the same slice as the encoder trainer's ``split_heldout``)."""
-    def key(question: Question) -> str:
-        return hashlib.sha1(f"{seed}:{question.question.strip()}".encode()).hexdigest()
-
-    held = {q.id for q in sorted(questions, key=key)[:n]}
+    held = {q.id for q in sorted(questions, key=lambda q: heldout_rank(q.question, seed))[:n]}
     return [q for q in questions if q.id not in held], [q for q in questions if q.id in held]
 
 
